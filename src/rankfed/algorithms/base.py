@@ -1,0 +1,161 @@
+"""The algorithm interface: a server half and a client half, and nothing else.
+
+The server decides what each selected client receives (its *downlink*
+payload), the client trains on its own data and returns an *uplink* payload,
+and the server folds the uplinks into its state. Payloads (see
+:mod:`rankfed.wire`) are the only thing that crosses: no shared Python objects,
+no global model read directly by a client. That is what lets one algorithm run
+unchanged in the in-process simulator and on real transports.
+
+Both halves may read the static experiment (:class:`RunContext`: the number of
+clients, rounds, seed, client training settings), as every party of a real
+deployment reads the same experiment file.
+
+Payload names starting with ``@`` are metadata scalars (``@round``,
+``@num_samples``, ``@train_loss``); all other names are the algorithm's own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from rankfed.config import ClientConfig, from_mapping
+from rankfed.data import ClientData
+from rankfed.sim.trainer import LocalTrainer
+from rankfed.wire import Payload
+
+__all__ = [
+    "Algorithm",
+    "ServerHalf",
+    "ClientHalf",
+    "RunContext",
+    "ClientContext",
+    "ALGORITHMS",
+    "register",
+    "client_seed",
+    "float_state",
+]
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """The static experiment, known to every party."""
+
+    num_clients: int
+    rounds: int
+    seed: int
+    client: ClientConfig
+    device: torch.device = torch.device("cpu")
+
+
+@dataclass
+class ClientContext:
+    """What a client half is handed for one round of local work.
+
+    ``model`` is one module object reused across clients (its weights are
+    whatever the previous client left: the client half must load what it
+    needs from the payload). ``state`` is this client's private storage, kept
+    by the transport between rounds (empty on first visit); only algorithms
+    that need client state write to it.
+    """
+
+    client_id: int
+    round: int
+    model: nn.Module
+    data: ClientData
+    trainer: LocalTrainer
+    state: dict = field(default_factory=dict)
+
+    @property
+    def seed(self) -> int:
+        """A seed for this client and round (never the global RNG)."""
+        return client_seed(self.trainer.seed, self.round, self.client_id)
+
+
+def client_seed(seed: int, rnd: int, client_id: int) -> int:
+    """Derive an independent 63-bit seed from (run seed, round, client)."""
+    return int(np.random.SeedSequence([seed, rnd, client_id, 0x5EED]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def float_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The floating-point entries of a model's state (parameters and float buffers).
+
+    Integer buffers (BatchNorm's ``num_batches_tracked``) are bookkeeping that
+    no algorithm communicates.
+    """
+    return {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+
+
+class ServerHalf(ABC):
+    """The server half of an algorithm. Holds the global state."""
+
+    @abstractmethod
+    def configure(self, rnd: int, client_ids: Sequence[int]) -> dict[int, Payload]:
+        """The downlink payload for each selected client. Return the *same* object for
+        clients that receive the same bytes: the transport then serialises it once."""
+
+    @abstractmethod
+    def aggregate(self, rnd: int, replies: Sequence[tuple[int, Payload]]) -> dict[str, float]:
+        """Fold the clients' uplinks into the global state; return round statistics."""
+
+    @abstractmethod
+    def global_model_state(self) -> dict[str, torch.Tensor]:
+        """The current global model as a state dict (for evaluation and saving)."""
+
+
+class ClientHalf(ABC):
+    """The client half of an algorithm. Stateless between calls except ``ctx.state``."""
+
+    @abstractmethod
+    def fit(self, payload: Payload, ctx: ClientContext) -> Payload:
+        """Train on ``ctx.data`` starting from what ``payload`` says; return the uplink.
+        Must not modify the tensors of ``payload`` in place (it may be shared)."""
+
+
+class Algorithm(ABC):
+    """An algorithm: a name, an options dataclass, and factories for its two halves."""
+
+    name: ClassVar[str]
+    Options: ClassVar[type]
+
+    def __init__(self, options: Any):
+        self.options = options
+
+    @classmethod
+    def parse_options(cls, options: dict, section: str = "algorithm") -> Any:
+        """Check ``options`` (unknown keys, types, values) and build the Options dataclass."""
+        return from_mapping(cls.Options, dict(options), section)
+
+    @classmethod
+    def from_options(cls, options: dict, section: str = "algorithm") -> Algorithm:
+        return cls(cls.parse_options(options, section))
+
+    @abstractmethod
+    def make_server(self, model: nn.Module, ctx: RunContext) -> ServerHalf:
+        """The server half, starting from ``model``'s weights (the seeded initial model)."""
+
+    @abstractmethod
+    def make_client(self, ctx: RunContext) -> ClientHalf:
+        """The client half (one object serves every client; per-client state lives in ClientContext.state)."""
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, **dataclasses.asdict(self.options)}
+
+
+ALGORITHMS: dict[str, type[Algorithm]] = {}
+
+
+def register(cls: type[Algorithm]) -> type[Algorithm]:
+    """Class decorator adding an algorithm to the registry under ``cls.name``."""
+    if cls.name in ALGORITHMS:
+        raise ValueError(f"algorithm {cls.name!r} registered twice")
+    ALGORITHMS[cls.name] = cls
+    return cls

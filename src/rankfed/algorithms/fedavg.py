@@ -1,0 +1,115 @@
+"""FedAvg (McMahan et al., 2017): the baseline every byte count is measured against.
+
+Downlink: the global model's floating-point state (parameters and float
+buffers such as BatchNorm statistics), about 4*d bytes.
+Uplink: the client's update (local - global) for the same entries, plus the
+client's sample count, about 4*d bytes.
+Server: W += sum_i n_i * delta_i / sum_i n_i (the sample-weighted mean, which
+equals averaging the clients' models).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rankfed.algorithms.base import (
+    Algorithm,
+    ClientContext,
+    ClientHalf,
+    RunContext,
+    ServerHalf,
+    float_state,
+    register,
+)
+from rankfed.wire import Payload
+
+__all__ = ["FedAvg", "weighted_mean", "load_weights"]
+
+
+def weighted_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """sum_i w_i * t_i / sum_i w_i, accumulated in the tensors' dtype."""
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError(f"weights must sum to a positive number, got {list(weights)}")
+    out = torch.zeros_like(tensors[0])
+    for t, w in zip(tensors, weights):
+        out.add_(t, alpha=w / total)
+    return out
+
+
+def load_weights(model: nn.Module, payload: Payload) -> None:
+    """Copy every floating-point state entry of ``model`` from ``payload`` (all must be there)."""
+    state = model.state_dict()
+    with torch.no_grad():
+        for name, dst in state.items():
+            if not dst.is_floating_point():
+                continue
+            src = payload.get(name)
+            if not isinstance(src, torch.Tensor):
+                raise KeyError(f"downlink payload lacks model entry {name!r}")
+            dst.copy_(src)
+
+
+@dataclass
+class FedAvgOptions:
+    """FedAvg has no options of its own (client training is configured in [client])."""
+
+
+class FedAvgServer(ServerHalf):
+    def __init__(self, model: nn.Module):
+        # The global model, as a state dict (int buffers kept but never sent).
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def configure(self, rnd: int, client_ids: Sequence[int]) -> dict[int, Payload]:
+        payload: Payload = {"@round": rnd}
+        payload.update({k: v for k, v in self.state.items() if v.is_floating_point()})
+        return {cid: payload for cid in client_ids}  # one object: every client gets the same bytes
+
+    def aggregate(self, rnd: int, replies: Sequence[tuple[int, Payload]]) -> dict[str, float]:
+        if not replies:
+            return {"clients": 0}
+        weights = [float(p["@num_samples"]) for _, p in replies]
+        for name, value in self.state.items():
+            if value.is_floating_point():
+                value.add_(weighted_mean([p[name] for _, p in replies], weights).to(value.device))
+        losses = [float(p["@train_loss"]) for _, p in replies]
+        return {"clients": len(replies), "train_loss": sum(l * w for l, w in zip(losses, weights)) / sum(weights)}
+
+    def global_model_state(self) -> dict[str, torch.Tensor]:
+        return self.state
+
+
+class FedAvgClient(ClientHalf):
+    def fit(self, payload: Payload, ctx: ClientContext) -> Payload:
+        model = ctx.model
+        load_weights(model, payload)
+        model.train()
+        stats = ctx.trainer.run(
+            model.parameters(),
+            lambda x, y: F.cross_entropy(model(x), y),
+            ctx.data,
+            rnd=ctx.round,
+            seed=ctx.seed,
+        )
+        up: Payload = {"@num_samples": ctx.data.num_samples, "@train_loss": stats.mean_loss}
+        with torch.no_grad():
+            for name, value in float_state(model).items():
+                up[name] = value - payload[name].to(value.device)
+        return up
+
+
+@register
+class FedAvg(Algorithm):
+    name = "fedavg"
+    Options = FedAvgOptions
+
+    def make_server(self, model: nn.Module, ctx: RunContext) -> ServerHalf:
+        return FedAvgServer(model)
+
+    def make_client(self, ctx: RunContext) -> ClientHalf:
+        return FedAvgClient()

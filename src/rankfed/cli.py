@@ -1,0 +1,241 @@
+"""The ``rankfed`` command.
+
+    rankfed run CONFIG.toml [--out DIR] [--set section.key=value ...]
+    rankfed compare CONFIG.toml --algorithms fedavg,... [--out DIR]
+    rankfed demo [--out DIR]
+    rankfed plot DIR [DIR ...] [--out FILE.png]
+
+Bad input (a config key, a missing data folder, an existing run folder) ends
+with one line on stderr naming the problem and exit code 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import sys
+from importlib import resources
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from rankfed.config import ConfigError, ExperimentConfig, load_config, parse_config
+from rankfed.data import DataFormatError, DataNotFoundError
+
+__all__ = ["main"]
+
+MB = 1e6
+_USER_ERRORS = (ConfigError, DataNotFoundError, DataFormatError, FileExistsError, FileNotFoundError, ValueError)
+
+
+def _stamp() -> str:
+    return _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+class _ProgressReporter:
+    """A progress bar on a terminal; one plain line per evaluated round elsewhere (CI logs)."""
+
+    def __init__(self, console: Console, total: int, label: str, quiet: bool = False):
+        self.console, self.total, self.label, self.quiet = console, total, label, quiet
+        self.progress: Progress | None = None
+        self.acc: float | None = None
+
+    def __enter__(self) -> _ProgressReporter:
+        if not self.quiet and self.console.is_terminal:
+            self.progress = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[status]}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=self.console,
+            )
+            self.progress.start()
+            self.task = self.progress.add_task(self.label, total=self.total, status="")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    def __call__(self, rec) -> None:
+        if rec.accuracy is not None:
+            self.acc = rec.accuracy
+        acc = f"acc {100 * self.acc:5.1f}%" if self.acc is not None else "acc   -  "
+        status = f"{acc}  up {rec.cum_uplink_bytes / MB:9.3f} MB  down {rec.cum_downlink_bytes / MB:9.3f} MB"
+        if self.progress is not None:
+            self.progress.update(self.task, completed=rec.round, status=status)
+        elif not self.quiet and rec.accuracy is not None:
+            self.console.print(f"{self.label} round {rec.round}/{self.total}  {status}", highlight=False)
+
+
+def _run_one(cfg: ExperimentConfig, out: Path, console: Console, quiet: bool, overwrite: bool, label: str, dataset=None) -> dict:
+    from rankfed.runner import run_experiment
+
+    with _ProgressReporter(console, cfg.federation.rounds, label, quiet) as report:
+        return run_experiment(cfg, out, overwrite=overwrite, on_round=report, dataset=dataset)
+
+
+def comparison_rows(summaries: list[dict]) -> list[dict]:
+    """One row per run, with communication relative to the FedAvg run among them (if any)."""
+    ref = next((s for s in summaries if s["algorithm"] == "fedavg"), None)
+    rows = []
+    for s in summaries:
+        up, down = s["total_uplink_bytes"], s["total_downlink_bytes"]
+        row = {
+            "algorithm": s["algorithm"],
+            "best_accuracy": s["best_accuracy"],
+            "best_round": s["best_round"],
+            "final_accuracy": s["final_accuracy"],
+            "uplink_MB": up / MB,
+            "downlink_MB": down / MB,
+            "uplink_vs_fedavg": up / ref["total_uplink_bytes"] if ref else None,
+            "total_vs_fedavg": (up + down) / (ref["total_uplink_bytes"] + ref["total_downlink_bytes"]) if ref else None,
+            "wall_s": s["wall_s"],
+        }
+        rows.append(row)
+    return rows
+
+
+def comparison_table(rows: list[dict], title: str) -> Table:
+    t = Table(title=title)
+    for col in ("algorithm", "best acc", "at round", "final acc", "uplink MB", "downlink MB", "uplink vs FedAvg", "total vs FedAvg", "time s"):
+        t.add_column(col, justify="left" if col == "algorithm" else "right")
+    pct = lambda v: "-" if v is None else f"{100 * v:.2f}%"  # noqa: E731
+    for r in rows:
+        t.add_row(
+            r["algorithm"],
+            pct(r["best_accuracy"]),
+            str(r["best_round"]),
+            pct(r["final_accuracy"]),
+            f"{r['uplink_MB']:.3f}",
+            f"{r['downlink_MB']:.3f}",
+            pct(r["uplink_vs_fedavg"]),
+            pct(r["total_vs_fedavg"]),
+            f"{r['wall_s']:.1f}",
+        )
+    return t
+
+
+def _markdown(rows: list[dict]) -> str:
+    head = "| algorithm | best acc | at round | final acc | uplink MB | downlink MB | uplink vs FedAvg | total vs FedAvg |\n|---|---|---|---|---|---|---|---|\n"
+    pct = lambda v: "-" if v is None else f"{100 * v:.2f}%"  # noqa: E731
+    body = "".join(
+        f"| {r['algorithm']} | {pct(r['best_accuracy'])} | {r['best_round']} | {pct(r['final_accuracy'])} | "
+        f"{r['uplink_MB']:.3f} | {r['downlink_MB']:.3f} | {pct(r['uplink_vs_fedavg'])} | {pct(r['total_vs_fedavg'])} |\n"
+        for r in rows
+    )
+    return head + body
+
+
+def _compare(cfg: ExperimentConfig, algorithms: list[str], out: Path, console: Console, quiet: bool, overwrite: bool, title: str) -> list[dict]:
+    from rankfed.algorithms import ALGORITHMS
+    from rankfed.plot import plot_runs
+    from rankfed.runner import load_task_data
+
+    for name in algorithms:
+        if name not in ALGORITHMS:
+            raise ConfigError(f"--algorithms: unknown algorithm {name!r}; choose from {', '.join(sorted(ALGORITHMS))}")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"output folder {str(out)!r} exists and is not empty (pass --overwrite to replace it)")
+    dataset = load_task_data(cfg)  # loaded once, shared by every algorithm's run
+    summaries = []
+    for name in algorithms:
+        summaries.append(_run_one(cfg.with_algorithm(name), out / name, console, quiet, True, name, dataset))
+    rows = comparison_rows(summaries)
+    (out / "comparison.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    (out / "comparison.md").write_text(_markdown(rows), encoding="utf-8")
+    plot_runs([out / n for n in algorithms], out / "comparison.png", title=title)
+    console.print(comparison_table(rows, title))
+    console.print(f"runs, comparison.md and comparison.png in {out}", highlight=False)
+    return rows
+
+
+def _split_names(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise ConfigError(f"--algorithms {text!r}: give at least one algorithm name")
+    return names
+
+
+def _demo_config() -> ExperimentConfig:
+    from rankfed.config import tomllib
+
+    text = resources.files("rankfed").joinpath("configs/demo.toml").read_text(encoding="utf-8")
+    return parse_config(tomllib.loads(text))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rankfed", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser, config: bool = True) -> None:
+        if config:
+            sp.add_argument("config", help="experiment file (TOML)")
+            sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
+        sp.add_argument("--out", help="output folder")
+        sp.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+    sp = sub.add_parser("run", help="run one experiment in the simulator")
+    common(sp)
+    sp = sub.add_parser("compare", help="run the same task with several algorithms and tabulate")
+    common(sp)
+    sp.add_argument("--algorithms", required=True, help="comma-separated algorithm names, e.g. fedavg,mapa")
+    sp = sub.add_parser("demo", help="the embedded demo (digits, no download, ~1 minute)")
+    common(sp, config=False)
+    sp = sub.add_parser("plot", help="plot run folders: accuracy vs round and vs cumulative bytes")
+    sp.add_argument("runs", nargs="+", help="run folders, or a compare folder")
+    sp.add_argument("--out", help="PNG file (default: plot.png in the first folder)")
+    sp.add_argument("--bytes", choices=("total", "uplink", "downlink"), default="total", help="which bytes on the x axis")
+    sp.add_argument("--title")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # Off a terminal (logs, CI, pipes) rich would squeeze tables into 80 columns.
+    console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
+    err = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 160)
+    try:
+        if args.command == "run":
+            cfg = load_config(args.config, args.overrides)
+            out = Path(args.out or f"runs/{cfg.task.dataset}-{cfg.algorithm.name}-{_stamp()}")
+            s = _run_one(cfg, out, err, args.quiet, args.overwrite, cfg.algorithm.name)
+            best = "-" if s["best_accuracy"] is None else f"{100 * s['best_accuracy']:.2f}% at round {s['best_round']}"
+            console.print(
+                f"{s['algorithm']}: best accuracy {best}; uplink {s['total_uplink_bytes'] / MB:.3f} MB, "
+                f"downlink {s['total_downlink_bytes'] / MB:.3f} MB; run folder {out}",
+                highlight=False,
+            )
+        elif args.command == "compare":
+            cfg = load_config(args.config, args.overrides)
+            out = Path(args.out or f"runs/compare-{cfg.task.dataset}-{_stamp()}")
+            _compare(cfg, _split_names(args.algorithms), out, console, args.quiet, args.overwrite, f"{cfg.task.dataset}: {args.algorithms}")
+        elif args.command == "demo":
+            cfg = _demo_config()
+            out = Path(args.out or f"runs/demo-{_stamp()}")
+            names = list(cfg.algorithms) or [cfg.algorithm.name]
+            _compare(cfg, names, out, console, args.quiet, args.overwrite, "rankfed demo: digits, 20 clients, Dirichlet(0.5)")
+        elif args.command == "plot":
+            from rankfed.plot import find_runs, plot_runs
+
+            runs = find_runs(args.runs)
+            out = Path(args.out) if args.out else Path(args.runs[0]) / "plot.png"
+            plot_runs(runs, out, bytes_kind=args.bytes, title=args.title)
+            console.print(f"wrote {out} ({len(runs)} runs)", highlight=False)
+    except _USER_ERRORS as e:
+        print(f"rankfed: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rankfed: interrupted; the run folder keeps the rounds finished so far", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,336 @@
+"""Experiment configuration: dataclasses that check themselves, loaded from TOML.
+
+An experiment file has the sections ``[task]``, ``[federation]``, ``[client]``
+and ``[algorithm]`` (``name`` plus that algorithm's own options), and optionally
+``[algorithms.<name>]`` tables giving options per algorithm for ``rankfed
+compare``. Unknown sections and keys are errors, and every error names the key
+and the bad value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = [
+    "ConfigError",
+    "TaskConfig",
+    "FederationConfig",
+    "ClientConfig",
+    "AlgorithmConfig",
+    "ExperimentConfig",
+    "load_config",
+    "parse_config",
+    "apply_overrides",
+    "from_mapping",
+    "to_toml",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid. The message names the key and value."""
+
+
+def _bad(key: str, value: Any, why: str) -> ConfigError:
+    return ConfigError(f"{key} = {value!r}: {why}")
+
+
+def _choice(key: str, value: str, choices: typing.Iterable[str]) -> None:
+    choices = tuple(choices)
+    if value not in choices:
+        raise _bad(key, value, f"must be one of {', '.join(choices)}")
+
+
+@dataclass
+class TaskConfig:
+    """What is learned: the dataset, how it is split over clients, the model."""
+
+    dataset: str = "digits"
+    data_dir: str = ""  # "" = the dataset's default location
+    partition: str = "iid"
+    alpha: float = 0.5  # Dirichlet concentration (partition = "dirichlet")
+    classes_per_client: int = 2  # partition = "shards"
+    holdout: float = 0.1  # fraction of each client's data kept as its own held-out split
+    model: str = ""  # "" = the dataset's reference model
+    dataset_options: dict = field(default_factory=dict)
+    model_options: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from rankfed.data import DATASETS, PARTITIONS
+
+        _choice("task.dataset", self.dataset, DATASETS)
+        _choice("task.partition", self.partition, PARTITIONS)
+        if not self.alpha > 0:
+            raise _bad("task.alpha", self.alpha, "must be > 0")
+        if self.classes_per_client < 1:
+            raise _bad("task.classes_per_client", self.classes_per_client, "must be >= 1")
+        if not 0 <= self.holdout < 1:
+            raise _bad("task.holdout", self.holdout, "must be in [0, 1)")
+        if self.model:
+            from rankfed.models import MODELS
+
+            _choice("task.model", self.model, MODELS)
+
+
+@dataclass
+class FederationConfig:
+    """Who takes part and how often: clients, sampling, rounds, evaluation."""
+
+    clients: int = 10
+    participation: float = 1.0  # fraction of clients sampled each round
+    rounds: int = 20
+    seed: int = 0
+    eval_every: int = 1  # evaluate the global model every n rounds (and after the last)
+    eval_batch_size: int = 1024
+    device: str = "cpu"  # cpu | cuda | auto
+
+    def __post_init__(self) -> None:
+        if self.clients < 1:
+            raise _bad("federation.clients", self.clients, "must be >= 1")
+        if not 0 < self.participation <= 1:
+            raise _bad("federation.participation", self.participation, "must be in (0, 1]")
+        if self.rounds < 1:
+            raise _bad("federation.rounds", self.rounds, "must be >= 1")
+        if self.eval_every < 1:
+            raise _bad("federation.eval_every", self.eval_every, "must be >= 1")
+        if self.eval_batch_size < 1:
+            raise _bad("federation.eval_batch_size", self.eval_batch_size, "must be >= 1")
+        _choice("federation.device", self.device, ("cpu", "cuda", "auto"))
+
+    @property
+    def clients_per_round(self) -> int:
+        return max(1, round(self.participation * self.clients))
+
+
+@dataclass
+class ClientConfig:
+    """How a client trains locally."""
+
+    optimizer: str = "sgd"  # sgd | adamw
+    lr: float = 0.05
+    momentum: float = 0.0  # sgd
+    nesterov: bool = False  # sgd
+    weight_decay: float = 0.0
+    betas: list = field(default_factory=lambda: [0.9, 0.999])  # adamw
+    local_epochs: int = 1
+    local_steps: int = 0  # > 0: this many minibatch steps instead of local_epochs
+    batch_size: int = 32
+    lr_schedule: str = "constant"  # constant | cosine (over rounds)
+    lr_min: float = 0.0  # cosine floor
+    grad_clip: float = 0.0  # max gradient norm, 0 = off
+
+    def __post_init__(self) -> None:
+        _choice("client.optimizer", self.optimizer, ("sgd", "adamw"))
+        _choice("client.lr_schedule", self.lr_schedule, ("constant", "cosine"))
+        if not self.lr > 0:
+            raise _bad("client.lr", self.lr, "must be > 0")
+        if not 0 <= self.momentum < 1:
+            raise _bad("client.momentum", self.momentum, "must be in [0, 1)")
+        if self.nesterov and self.momentum == 0:
+            raise _bad("client.nesterov", self.nesterov, "needs client.momentum > 0")
+        if self.weight_decay < 0:
+            raise _bad("client.weight_decay", self.weight_decay, "must be >= 0")
+        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
+            raise _bad("client.betas", self.betas, "must be two numbers in [0, 1)")
+        if self.local_epochs < 1:
+            raise _bad("client.local_epochs", self.local_epochs, "must be >= 1")
+        if self.local_steps < 0:
+            raise _bad("client.local_steps", self.local_steps, "must be >= 0")
+        if self.batch_size < 1:
+            raise _bad("client.batch_size", self.batch_size, "must be >= 1")
+        if not 0 <= self.lr_min <= self.lr:
+            raise _bad("client.lr_min", self.lr_min, f"must be in [0, client.lr = {self.lr}]")
+        if self.grad_clip < 0:
+            raise _bad("client.grad_clip", self.grad_clip, "must be >= 0")
+
+
+@dataclass
+class AlgorithmConfig:
+    """The algorithm's name and its own options (checked by the algorithm)."""
+
+    name: str = "fedavg"
+    options: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from rankfed.algorithms import ALGORITHMS
+
+        _choice("algorithm.name", self.name, sorted(ALGORITHMS))
+        # Let the algorithm's option dataclass check its keys and values now.
+        ALGORITHMS[self.name].parse_options(self.options, section="algorithm")
+
+
+@dataclass
+class ExperimentConfig:
+    task: TaskConfig = field(default_factory=TaskConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    client: ClientConfig = field(default_factory=ClientConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    # options per algorithm name for `rankfed compare`, e.g. {"mapa": {"k": 64}}
+    algorithms: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from rankfed.algorithms import ALGORITHMS
+
+        for name, opts in self.algorithms.items():
+            _choice("algorithms", name, sorted(ALGORITHMS))
+            if not isinstance(opts, dict):
+                raise _bad(f"algorithms.{name}", opts, "must be a table of options")
+            ALGORITHMS[name].parse_options(opts, section=f"algorithms.{name}")
+        if self.client.batch_size < 1:  # pragma: no cover - checked in ClientConfig
+            raise _bad("client.batch_size", self.client.batch_size, "must be >= 1")
+
+    def with_algorithm(self, name: str) -> ExperimentConfig:
+        """The same experiment run with another algorithm (options from [algorithms.<name>])."""
+        opts = dict(self.algorithms.get(name, {}))
+        if not opts and name == self.algorithm.name:
+            opts = dict(self.algorithm.options)
+        return dataclasses.replace(self, algorithm=AlgorithmConfig(name=name, options=opts))
+
+
+_SECTIONS = {
+    "task": TaskConfig,
+    "federation": FederationConfig,
+    "client": ClientConfig,
+}
+
+
+def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
+    """Check (and gently coerce) a TOML value against a dataclass field type."""
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False, value
+        return True, float(value)
+    if tp is int:
+        return (isinstance(value, int) and not isinstance(value, bool)), value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is str:
+        return isinstance(value, str), value
+    if tp in (list, dict):
+        return isinstance(value, tp), value
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            ok, v = _type_ok(value, arg)
+            if ok:
+                return True, v
+        return False, value
+    return True, value
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def from_mapping(cls: type, data: dict, section: str) -> Any:
+    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types are errors."""
+    if not isinstance(data, dict):
+        raise _bad(section, data, "must be a table")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean {section}.{close[0]}?)" if close else f" (known keys: {', '.join(names)})"
+            raise ConfigError(f"unknown key {section}.{key}{hint}")
+        ok, coerced = _type_ok(value, hints[key])
+        if not ok:
+            raise _bad(f"{section}.{key}", value, f"must be of type {_type_name(hints[key])}")
+        kwargs[key] = coerced
+    return cls(**kwargs)
+
+
+def parse_config(data: dict) -> ExperimentConfig:
+    """Build an :class:`ExperimentConfig` from a parsed TOML document."""
+    known = {*_SECTIONS, "algorithm", "algorithms"}
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f" (did you mean [{close[0]}]?)" if close else f" (sections: {', '.join(sorted(known))})"
+            raise ConfigError(f"unknown section [{key}]{hint}")
+    parts = {name: from_mapping(cls, data.get(name, {}), name) for name, cls in _SECTIONS.items()}
+    algo = dict(data.get("algorithm", {}))
+    if not isinstance(algo, dict):
+        raise _bad("algorithm", algo, "must be a table")
+    name = algo.pop("name", "fedavg")
+    if not isinstance(name, str):
+        raise _bad("algorithm.name", name, "must be a string")
+    algorithms = data.get("algorithms", {})
+    if not isinstance(algorithms, dict):
+        raise _bad("algorithms", algorithms, "must be a table of tables")
+    return ExperimentConfig(
+        **parts,
+        algorithm=AlgorithmConfig(name=name, options=algo),
+        algorithms={k: dict(v) if isinstance(v, dict) else v for k, v in algorithms.items()},
+    )
+
+
+def _parse_value(text: str) -> Any:
+    """A --set value: a TOML literal if it parses as one, else a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``section.key=value`` overrides to a parsed TOML document (in place)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        path, _, text = item.partition("=")
+        keys = path.strip().split(".")
+        if len(keys) < 2 or not all(keys):
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {k} is not a table")
+        node[keys[-1]] = _parse_value(text.strip())
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read an experiment file (or the defaults when ``path`` is None) and apply overrides."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"experiment file {str(p)!r} does not exist")
+        try:
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    apply_overrides(data, overrides or [])
+    return parse_config(data)
+
+
+def to_dict(cfg: ExperimentConfig) -> dict:
+    """The resolved configuration as a TOML-ready document (algorithm options inlined)."""
+    out = {name: dataclasses.asdict(getattr(cfg, name)) for name in _SECTIONS}
+    from rankfed.algorithms import ALGORITHMS
+
+    opts = ALGORITHMS[cfg.algorithm.name].parse_options(cfg.algorithm.options, section="algorithm")
+    out["algorithm"] = {"name": cfg.algorithm.name, **dataclasses.asdict(opts)}
+    if cfg.algorithms:
+        out["algorithms"] = cfg.algorithms
+    return out
+
+
+def to_toml(cfg: ExperimentConfig) -> str:
+    return tomli_w.dumps(to_dict(cfg))

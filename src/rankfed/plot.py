@@ -1,0 +1,83 @@
+"""Plots of run folders: accuracy vs round, and accuracy vs cumulative bytes (log axis)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+__all__ = ["find_runs", "read_metrics", "plot_runs", "BYTES_KINDS"]
+
+BYTES_KINDS = ("total", "uplink", "downlink")
+
+
+def find_runs(paths: list[str | os.PathLike]) -> list[Path]:
+    """Run folders named directly, or found one level down (a `rankfed compare` folder)."""
+    runs: list[Path] = []
+    for p in map(Path, paths):
+        if (p / "metrics.jsonl").is_file():
+            runs.append(p)
+        elif p.is_dir():
+            found = sorted(q.parent for q in p.glob("*/metrics.jsonl"))
+            if not found:
+                raise FileNotFoundError(f"{str(p)!r} holds no run (no metrics.jsonl in it or its subfolders)")
+            runs.extend(found)
+        else:
+            raise FileNotFoundError(f"{str(p)!r} is not a run folder")
+    return runs
+
+
+def read_metrics(run: Path) -> list[dict]:
+    lines = (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def _label(run: Path) -> str:
+    summary = run / "summary.json"
+    if summary.is_file():
+        s = json.loads(summary.read_text(encoding="utf-8"))
+        opts = {k: v for k, v in s.get("algorithm_options", {}).items() if k != "name"}
+        extra = ", ".join(f"{k}={v}" for k, v in opts.items())
+        return f"{run.name} ({extra})" if extra else run.name
+    return run.name
+
+
+def plot_runs(runs: list[Path], out: str | os.PathLike, bytes_kind: str = "total", title: str | None = None) -> Path:
+    """Write a PNG with two panels, one line per run."""
+    if bytes_kind not in BYTES_KINDS:
+        raise ValueError(f"bytes_kind = {bytes_kind!r}: must be one of {', '.join(BYTES_KINDS)}")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_r, ax_b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for run in runs:
+        rows = read_metrics(run)
+        if not rows:
+            continue
+        rounds = [r["round"] for r in rows]
+        acc = [100 * r["accuracy"] for r in rows]
+        if bytes_kind == "total":
+            sent = [r["cum_uplink_bytes"] + r["cum_downlink_bytes"] for r in rows]
+        else:
+            sent = [r[f"cum_{bytes_kind}_bytes"] for r in rows]
+        label = _label(run)
+        ax_r.plot(rounds, acc, label=label)
+        ax_b.plot([s / 1e6 for s in sent], acc, label=label)
+    ax_r.set_xlabel("round")
+    ax_r.set_ylabel("test accuracy (%)")
+    ax_b.set_xscale("log")
+    ax_b.set_xlabel(f"cumulative {bytes_kind} MB (log)")
+    ax_b.set_ylabel("test accuracy (%)")
+    for ax in (ax_r, ax_b):
+        ax.grid(True, which="both", alpha=0.3)
+    ax_r.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

@@ -1,0 +1,235 @@
+"""From an experiment config to a finished run folder.
+
+A run folder holds:
+
+* ``config.toml``   - the resolved experiment (every default filled in);
+* ``metrics.jsonl`` - one line per evaluated round: round, accuracy, loss,
+  uplink_bytes, downlink_bytes, cum_uplink_bytes, cum_downlink_bytes, wall_s, ...;
+* ``rounds.jsonl``  - one line per round, with the bytes of every client;
+* ``summary.json``  - best and final accuracy, byte totals, parameter count,
+  algorithm options.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import rankfed
+from rankfed.algorithms import get_algorithm
+from rankfed.algorithms.base import Algorithm, RunContext, float_state
+from rankfed.config import ConfigError, ExperimentConfig, to_toml
+from rankfed.data import ClientData, Dataset, federate, load_dataset
+from rankfed.models import build_model, count_parameters
+from rankfed.sim.simulator import RoundRecord, Simulator
+from rankfed.wire import encoded_size
+
+__all__ = ["Experiment", "build_experiment", "run_experiment", "RunFolder", "DEFAULT_MODELS", "resolve_device"]
+
+# The reference model of each dataset (the papers' choices where they have one).
+DEFAULT_MODELS = {
+    "digits": "mlp",
+    "mnist1d": "mlp",
+    "synthetic": "logreg",
+    "fmnist": "cnn2",
+    "mnist": "cnn2",
+    "kmnist": "cnn2",
+    "cifar10": "cnn3",
+    "cifar100": "wrn16_4",
+    "shakespeare": "char_lstm",
+}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("federation.device = 'cuda': no CUDA device is available (use 'cpu' or 'auto')")
+    return torch.device(name)
+
+
+@dataclass
+class Experiment:
+    """Everything a run needs, built from a config."""
+
+    cfg: ExperimentConfig
+    dataset: Dataset
+    clients: list[ClientData]
+    model: torch.nn.Module  # the seeded initial model
+    model_name: str
+    algorithm: Algorithm
+    ctx: RunContext
+
+    def simulator(self) -> Simulator:
+        fed = self.cfg.federation
+        return Simulator(
+            self.algorithm,
+            self.model,
+            self.clients,
+            (self.dataset.test_x, self.dataset.test_y),
+            self.ctx,
+            clients_per_round=fed.clients_per_round,
+            eval_every=fed.eval_every,
+            eval_batch_size=fed.eval_batch_size,
+        )
+
+
+def load_task_data(cfg: ExperimentConfig) -> Dataset:
+    task, fed = cfg.task, cfg.federation
+    opts = dict(task.dataset_options)
+    if task.dataset == "synthetic":
+        opts.setdefault("num_devices", fed.clients)
+    return load_dataset(task.dataset, task.data_dir or None, seed=fed.seed, **opts)
+
+
+def build_experiment(cfg: ExperimentConfig, dataset: Dataset | None = None) -> Experiment:
+    """Load and split the data, build the seeded model and the algorithm.
+
+    ``dataset`` may be passed to reuse one already loaded (``rankfed compare``).
+    """
+    task, fed = cfg.task, cfg.federation
+    ds = dataset if dataset is not None else load_task_data(cfg)
+    n_train = len(ds.train_y)
+    if fed.clients > n_train:
+        raise ConfigError(f"federation.clients = {fed.clients}: more clients than training samples ({n_train})")
+    clients = federate(
+        ds,
+        fed.clients,
+        task.partition,
+        seed=fed.seed,
+        holdout=task.holdout,
+        alpha=task.alpha,
+        classes_per_client=task.classes_per_client,
+    )
+    model_name = task.model or DEFAULT_MODELS[task.dataset]
+    torch.manual_seed(fed.seed)
+    model = build_model(model_name, ds.input_shape, ds.num_classes, **task.model_options)
+    algorithm = get_algorithm(cfg.algorithm.name, cfg.algorithm.options)
+    ctx = RunContext(
+        num_clients=fed.clients,
+        rounds=fed.rounds,
+        seed=fed.seed,
+        client=cfg.client,
+        device=resolve_device(fed.device),
+    )
+    return Experiment(cfg, ds, clients, model, model_name, algorithm, ctx)
+
+
+class RunFolder:
+    """Writes a run folder; refuses to write into a non-empty one unless ``overwrite``."""
+
+    def __init__(self, path: str | os.PathLike, overwrite: bool = False):
+        self.path = Path(path)
+        if self.path.exists() and any(self.path.iterdir()) and not overwrite:
+            raise FileExistsError(f"run folder {str(self.path)!r} exists and is not empty (pass --overwrite to replace it)")
+        self.path.mkdir(parents=True, exist_ok=True)
+        for name in ("metrics.jsonl", "rounds.jsonl", "summary.json"):
+            (self.path / name).unlink(missing_ok=True)
+
+    def write_text(self, name: str, text: str) -> None:
+        """Write atomically: a reader never sees half a file."""
+        tmp = self.path / f".{name}.tmp"
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, self.path / name)
+
+    def append_jsonl(self, name: str, record: dict) -> None:
+        with open(self.path / name, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def on_round(self, rec: RoundRecord) -> None:
+        self.append_jsonl(
+            "rounds.jsonl",
+            {
+                "round": rec.round,
+                "clients": rec.clients,
+                "uplink_bytes_per_client": rec.uplink_bytes_per_client,
+                "downlink_bytes_per_client": rec.downlink_bytes_per_client,
+                "round_s": rec.round_s,
+                "train_loss": rec.train_loss,
+            },
+        )
+        if rec.accuracy is not None:
+            self.append_jsonl("metrics.jsonl", rec.metrics_line())
+
+
+def summarize(exp: Experiment, history: list[RoundRecord], wall_s: float) -> dict:
+    """The summary.json of a finished run."""
+    evaluated = [r for r in history if r.accuracy is not None]
+    best = max(evaluated, key=lambda r: r.accuracy) if evaluated else None
+    last = evaluated[-1] if evaluated else None
+    uploads = sum(len(r.clients) for r in history)
+    fed = exp.cfg.federation
+    # What one FedAvg upload of this model would be on the wire (a reference, not a measurement of this run).
+    fedavg_upload = encoded_size({"@num_samples": 0, "@train_loss": 0.0, **float_state(exp.model)})
+    total_up = history[-1].cum_uplink_bytes if history else 0
+    total_down = history[-1].cum_downlink_bytes if history else 0
+    return {
+        "algorithm": exp.algorithm.name,
+        "algorithm_options": exp.algorithm.describe(),
+        "dataset": exp.cfg.task.dataset,
+        "partition": exp.cfg.task.partition,
+        "model": exp.model_name,
+        "num_parameters": count_parameters(exp.model),
+        "clients": fed.clients,
+        "clients_per_round": fed.clients_per_round,
+        "rounds": len(history),
+        "seed": fed.seed,
+        "client_kind": "stateless",  # every sampled client downloads its downlink; nothing else is sent
+        "best_accuracy": best.accuracy if best else None,
+        "best_round": best.round if best else None,
+        "final_accuracy": last.accuracy if last else None,
+        "final_loss": last.loss if last else None,
+        "total_uplink_bytes": total_up,
+        "total_downlink_bytes": total_down,
+        "uploads": uploads,
+        "mean_uplink_bytes_per_upload": total_up / uploads if uploads else 0,
+        "fedavg_uplink_bytes_per_upload": fedavg_upload,
+        "uplink_vs_fedavg": (total_up / uploads) / fedavg_upload if uploads else None,
+        "wall_s": wall_s,
+        "mean_round_s": sum(r.round_s for r in history) / len(history) if history else 0,
+        "device": str(exp.ctx.device),
+        "machine": platform.platform(),
+        "torch": torch.__version__,
+        "rankfed": rankfed.__version__,
+        "finished_at": _dt.datetime.now().isoformat(timespec="seconds"),
+    }
+
+
+def run_experiment(
+    cfg: ExperimentConfig,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    overwrite: bool = False,
+    on_round: Callable[[RoundRecord], None] | None = None,
+    dataset: Dataset | None = None,
+) -> dict:
+    """Run one experiment in the simulator; write the run folder if ``out_dir`` is given.
+
+    Returns the summary (also written to ``summary.json``).
+    """
+    folder = RunFolder(out_dir, overwrite=overwrite) if out_dir is not None else None
+    exp = build_experiment(cfg, dataset)
+    if folder:
+        folder.write_text("config.toml", to_toml(cfg))
+    sim = exp.simulator()
+    t0 = time.perf_counter()
+
+    def _on_round(rec: RoundRecord) -> None:
+        if folder:
+            folder.on_round(rec)
+        if on_round:
+            on_round(rec)
+
+    history = sim.run(_on_round)
+    summary = summarize(exp, history, time.perf_counter() - t0)
+    if folder:
+        folder.write_text("summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary

@@ -1,0 +1,133 @@
+"""End to end through the `rankfed` command on scikit-learn's digits (no download)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rankfed.cli import main
+
+CONFIG = """
+[task]
+dataset = "digits"
+partition = "dirichlet"
+alpha = 1.0
+model = "mlp"
+model_options = { hidden = [32] }
+[federation]
+clients = 8
+participation = 0.5
+rounds = 6
+seed = 3
+eval_every = 2
+[client]
+lr = 0.1
+momentum = 0.9
+batch_size = 16
+[algorithm]
+name = "fedavg"
+"""
+
+METRIC_KEYS = {"round", "accuracy", "loss", "uplink_bytes", "downlink_bytes", "cum_uplink_bytes", "cum_downlink_bytes", "wall_s"}
+
+
+@pytest.fixture()
+def config(tmp_path):
+    p = tmp_path / "exp.toml"
+    p.write_text(CONFIG)
+    return p
+
+
+def _lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_run_writes_a_complete_run_folder(config, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["--quiet", "run", str(config), "--out", str(out), "--set", "federation.rounds=7"]) == 0
+    assert "best accuracy" in capsys.readouterr().out
+    metrics = _lines(out / "metrics.jsonl")
+    assert [m["round"] for m in metrics] == [2, 4, 6, 7]  # every 2nd round and the last
+    for m in metrics:
+        assert METRIC_KEYS <= set(m)
+    # cumulative bytes add up the per-round bytes of every round, evaluated or not
+    rounds = _lines(out / "rounds.jsonl")
+    assert len(rounds) == 7
+    assert metrics[-1]["cum_uplink_bytes"] == sum(sum(r["uplink_bytes_per_client"]) for r in rounds)
+    assert all(len(r["clients"]) == 4 for r in rounds)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == 7 and summary["clients_per_round"] == 4
+    assert summary["best_accuracy"] == max(m["accuracy"] for m in metrics)
+    assert summary["final_accuracy"] == metrics[-1]["accuracy"]
+    assert summary["total_uplink_bytes"] == metrics[-1]["cum_uplink_bytes"]
+    assert summary["num_parameters"] == 64 * 32 + 32 + 32 * 10 + 10
+    assert summary["uplink_vs_fedavg"] == pytest.approx(1.0)
+    assert summary["best_accuracy"] > 0.5  # digits with an MLP learns within 7 rounds
+    resolved = (out / "config.toml").read_text()
+    assert "rounds = 7" in resolved and "eval_batch_size" in resolved  # overrides applied, defaults filled in
+
+
+def test_run_refuses_to_overwrite_unless_asked(config, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["-q", "run", str(config), "--out", str(out), "--set", "federation.rounds=1"]) == 0
+    assert main(["-q", "run", str(config), "--out", str(out), "--set", "federation.rounds=1"]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert main(["-q", "run", str(config), "--out", str(out), "--set", "federation.rounds=2", "--overwrite"]) == 0
+    assert len(_lines(out / "rounds.jsonl")) == 2
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("federation.participation=2", "federation.participation = 2.0: must be in (0, 1]"),
+        ("task.datset=digits", "unknown key task.datset"),
+        ("federation.clients=5000", "federation.clients = 5000: more clients than training samples"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(config, tmp_path, capsys, override, message):
+    code = main(["-q", "run", str(config), "--out", str(tmp_path / "r"), "--set", override])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err and "Traceback" not in err
+
+
+def test_missing_dataset_folder_names_it(config, tmp_path, capsys):
+    code = main(["-q", "run", str(config), "--out", str(tmp_path / "r"), "--set", "task.dataset=fmnist", "--set", f"task.data_dir={tmp_path}/nofmnist"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{tmp_path}/nofmnist" in err
+
+
+def test_compare_tabulates_and_plot_draws(config, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["-q", "compare", str(config), "--algorithms", "fedavg", "--out", str(out), "--set", "federation.rounds=2"]) == 0
+    printed = capsys.readouterr().out
+    assert "fedavg" in printed and "100.00%" in printed  # FedAvg relative to itself
+    rows = json.loads((out / "comparison.json").read_text())
+    assert rows[0]["algorithm"] == "fedavg" and rows[0]["uplink_vs_fedavg"] == 1.0
+    assert (out / "comparison.png").stat().st_size > 10_000
+    png = tmp_path / "p.png"
+    assert main(["plot", str(out / "fedavg"), "--out", str(png), "--bytes", "uplink"]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["plot", str(tmp_path / "nothing")]) == 2
+
+
+def test_compare_rejects_unknown_algorithm(config, tmp_path, capsys):
+    assert main(["-q", "compare", str(config), "--algorithms", "fedavg,nope", "--out", str(tmp_path / "c")]) == 2
+    assert "unknown algorithm 'nope'" in capsys.readouterr().err
+
+
+def test_console_script_runs_demo_config_subset(tmp_path):
+    """The installed `rankfed` entry point works as a process (help and a tiny run)."""
+    exe = Path(sys.executable).parent / "rankfed"
+    assert exe.exists(), "the package's console script is installed beside the interpreter"
+    r = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "compare" in r.stdout and "demo" in r.stdout
+    cfg = tmp_path / "exp.toml"
+    cfg.write_text(CONFIG)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    r = subprocess.run([str(exe), "run", str(cfg), "--out", str(tmp_path / "o"), "--set", "federation.rounds=2"], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "round 2/2" in r.stderr  # progress lines when stderr is not a terminal

@@ -1,0 +1,99 @@
+"""Experiment files: defaults, overrides, and errors that name the key and the value."""
+
+import pytest
+
+from rankfed.config import ConfigError, apply_overrides, load_config, parse_config, to_toml
+from rankfed.config import tomllib
+
+EXAMPLE = """
+[task]
+dataset = "fmnist"
+partition = "shards"
+classes_per_client = 2
+model = "cnn2"
+[federation]
+clients = 100
+participation = 0.1
+rounds = 200
+seed = 0
+eval_every = 5
+[client]
+optimizer = "sgd"
+lr = 0.05
+momentum = 0.9
+local_epochs = 1
+batch_size = 32
+[algorithm]
+name = "fedavg"
+"""
+
+
+def test_issue_example_parses(tmp_path):
+    p = tmp_path / "exp.toml"
+    p.write_text(EXAMPLE)
+    cfg = load_config(p)
+    assert cfg.task.dataset == "fmnist" and cfg.task.partition == "shards"
+    assert cfg.federation.clients == 100 and cfg.federation.clients_per_round == 10
+    assert cfg.client.momentum == 0.9 and cfg.algorithm.name == "fedavg"
+
+
+def test_resolved_config_round_trips_through_toml(tmp_path):
+    cfg = parse_config(tomllib.loads(EXAMPLE))
+    again = parse_config(tomllib.loads(to_toml(cfg)))
+    assert again == cfg
+
+
+@pytest.mark.parametrize(
+    "doc, pattern",
+    [
+        ({"federation": {"clinets": 5}}, r"unknown key federation\.clinets \(did you mean federation\.clients\?\)"),
+        ({"feder": {}}, r"unknown section \[feder\]"),
+        ({"federation": {"participation": 1.5}}, r"federation\.participation = 1\.5: must be in \(0, 1\]"),
+        ({"federation": {"participation": 0}}, r"federation\.participation = 0\.0"),
+        ({"federation": {"clients": "ten"}}, r"federation\.clients = 'ten': must be of type int"),
+        ({"federation": {"rounds": 0}}, r"federation\.rounds = 0"),
+        ({"client": {"lr": -1}}, r"client\.lr = -1\.0: must be > 0"),
+        ({"client": {"optimizer": "adam"}}, r"client\.optimizer = 'adam': must be one of sgd, adamw"),
+        ({"client": {"nesterov": True}}, r"client\.nesterov = True: needs client\.momentum > 0"),
+        ({"task": {"dataset": "imagenet"}}, r"task\.dataset = 'imagenet': must be one of"),
+        ({"task": {"partition": "random"}}, r"task\.partition = 'random'"),
+        ({"task": {"model": "vgg"}}, r"task\.model = 'vgg'"),
+        ({"task": {"holdout": 1.0}}, r"task\.holdout = 1\.0"),
+        ({"algorithm": {"name": "fedprox"}}, r"algorithm\.name = 'fedprox': must be one of"),
+        ({"algorithm": {"name": "fedavg", "rank": 4}}, r"unknown key algorithm\.rank"),
+        ({"algorithms": {"nope": {}}}, r"algorithms = 'nope'"),
+    ],
+)
+def test_bad_configs_name_key_and_value(doc, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        parse_config(doc)
+
+
+def test_overrides_parse_toml_literals_and_bare_strings():
+    doc = apply_overrides({}, ["federation.rounds=3", "client.lr=0.5", "task.dataset=mnist1d", "client.betas=[0.8, 0.9]", "client.nesterov=true"])
+    assert doc == {
+        "federation": {"rounds": 3},
+        "client": {"lr": 0.5, "betas": [0.8, 0.9], "nesterov": True},
+        "task": {"dataset": "mnist1d"},
+    }
+
+
+@pytest.mark.parametrize("bad", ["rounds=3", "federation.=3", "federation.rounds"])
+def test_malformed_overrides(bad):
+    with pytest.raises(ConfigError, match="section.key=value"):
+        apply_overrides({}, [bad])
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[task\ndataset = 1")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+
+
+def test_ints_are_accepted_for_floats_but_bools_are_not():
+    assert parse_config({"client": {"lr": 1}}).client.lr == 1.0
+    with pytest.raises(ConfigError, match="must be of type float"):
+        parse_config({"client": {"lr": True}})
