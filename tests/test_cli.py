@@ -131,3 +131,26 @@ def test_console_script_runs_demo_config_subset(tmp_path):
     r = subprocess.run([str(exe), "run", str(cfg), "--out", str(tmp_path / "o"), "--set", "federation.rounds=2"], capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0, r.stderr
     assert "round 2/2" in r.stderr  # progress lines when stderr is not a terminal
+
+
+def test_same_config_same_seed_gives_identical_metrics(config, tmp_path):
+    from rankfed.config import load_config
+    from rankfed.runner import run_experiment
+
+    def metrics(out, seed):
+        cfg = load_config(config, [f"federation.seed={seed}", "federation.rounds=4"])
+        run_experiment(cfg, out)
+        drop = {"wall_s", "round_s", "eval_s"}
+        return [{k: v for k, v in m.items() if k not in drop} for m in _lines(out / "metrics.jsonl")]
+
+    a, b, c = metrics(tmp_path / "a", 5), metrics(tmp_path / "b", 5), metrics(tmp_path / "c", 6)
+    assert a == b
+    assert [m["accuracy"] for m in a] != [m["accuracy"] for m in c]
+
+
+def test_demo_prints_a_comparison_table(tmp_path, capsys):
+    assert main(["-q", "demo", "--out", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "best acc" in out and "fedavg" in out and "uplink vs FedAvg" in out
+    rows = json.loads((tmp_path / "demo" / "comparison.json").read_text())
+    assert rows and all(r["best_accuracy"] > 0.8 for r in rows)  # digits is easy: every algorithm learns it

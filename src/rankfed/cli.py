@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import shlex
 import sys
 from importlib import resources
 from pathlib import Path
@@ -77,7 +78,8 @@ def _run_one(cfg: ExperimentConfig, out: Path, console: Console, quiet: bool, ov
     from rankfed.runner import run_experiment
 
     with _ProgressReporter(console, cfg.federation.rounds, label, quiet) as report:
-        return run_experiment(cfg, out, overwrite=overwrite, on_round=report, dataset=dataset)
+        command = "rankfed " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        return run_experiment(cfg, out, overwrite=overwrite, on_round=report, dataset=dataset, command=command)
 
 
 def comparison_rows(summaries: list[dict]) -> list[dict]:

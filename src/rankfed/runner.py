@@ -160,7 +160,7 @@ class RunFolder:
             self.append_jsonl("metrics.jsonl", rec.metrics_line())
 
 
-def summarize(exp: Experiment, history: list[RoundRecord], wall_s: float) -> dict:
+def summarize(exp: Experiment, history: list[RoundRecord], wall_s: float, command: str | None = None) -> dict:
     """The summary.json of a finished run."""
     evaluated = [r for r in history if r.accuracy is not None]
     best = max(evaluated, key=lambda r: r.accuracy) if evaluated else None
@@ -200,6 +200,7 @@ def summarize(exp: Experiment, history: list[RoundRecord], wall_s: float) -> dic
         "torch": torch.__version__,
         "rankfed": rankfed.__version__,
         "finished_at": _dt.datetime.now().isoformat(timespec="seconds"),
+        "command": command,
     }
 
 
@@ -210,8 +211,11 @@ def run_experiment(
     overwrite: bool = False,
     on_round: Callable[[RoundRecord], None] | None = None,
     dataset: Dataset | None = None,
+    command: str | None = None,
 ) -> dict:
     """Run one experiment in the simulator; write the run folder if ``out_dir`` is given.
+
+    ``command`` (the command line that asked for the run) is recorded in the summary.
 
     Returns the summary (also written to ``summary.json``).
     """
@@ -229,7 +233,7 @@ def run_experiment(
             on_round(rec)
 
     history = sim.run(_on_round)
-    summary = summarize(exp, history, time.perf_counter() - t0)
+    summary = summarize(exp, history, time.perf_counter() - t0, command)
     if folder:
         folder.write_text("summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
