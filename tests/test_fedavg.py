@@ -72,7 +72,7 @@ def test_server_state_is_sample_weighted_mean_of_client_models():
         m = _model()
         m.load_state_dict(start)
         ctx = ClientContext(cid, 1, m, data, trainer)
-        algo.make_client(sim.ctx).fit({"@round": 1, **{k: v.clone() for k, v in start.items()}}, ctx)
+        algo.make_client(m, sim.ctx).fit({"@round": 1, **{k: v.clone() for k, v in start.items()}}, ctx)
         local_models.append(m.state_dict())
     total = 100.0
     for name in start:

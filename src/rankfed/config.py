@@ -96,8 +96,12 @@ class FederationConfig:
     eval_every: int = 1  # evaluate the global model every n rounds (and after the last)
     eval_batch_size: int = 1024
     device: str = "cpu"  # cpu | cuda | auto
+    # stateless: a sampled client downloads what it needs; stateful: every client keeps a
+    # replica and receives every round's broadcast; auto: what the algorithm's paper assumes
+    client_kind: str = "auto"
 
     def __post_init__(self) -> None:
+        _choice("federation.client_kind", self.client_kind, ("auto", "stateless", "stateful"))
         if self.clients < 1:
             raise _bad("federation.clients", self.clients, "must be >= 1")
         if not 0 < self.participation <= 1:
@@ -168,8 +172,9 @@ class AlgorithmConfig:
         from rankfed.algorithms import ALGORITHMS
 
         _choice("algorithm.name", self.name, sorted(ALGORITHMS))
-        # Let the algorithm's option dataclass check its keys and values now.
-        ALGORITHMS[self.name].parse_options(self.options, section="algorithm")
+        # The algorithm's option dataclass checks keys and values now; keep them with every
+        # default filled in, so a resolved config reads back equal.
+        self.options = dataclasses.asdict(ALGORITHMS[self.name].parse_options(self.options, section="algorithm"))
 
 
 @dataclass

@@ -79,7 +79,14 @@ class Experiment:
             clients_per_round=fed.clients_per_round,
             eval_every=fed.eval_every,
             eval_batch_size=fed.eval_batch_size,
+            client_kind=self.client_kind,
         )
+
+    @property
+    def client_kind(self) -> str:
+        """The client kind in force: as configured, or the algorithm's paper default for "auto"."""
+        kind = self.cfg.federation.client_kind
+        return self.algorithm.default_client_kind if kind == "auto" else kind
 
 
 def load_task_data(cfg: ExperimentConfig) -> Dataset:
@@ -152,6 +159,8 @@ class RunFolder:
                 "clients": rec.clients,
                 "uplink_bytes_per_client": rec.uplink_bytes_per_client,
                 "downlink_bytes_per_client": rec.downlink_bytes_per_client,
+                "broadcast_bytes": rec.broadcast_bytes,
+                "broadcast_recipients": rec.broadcast_recipients,
                 "round_s": rec.round_s,
                 "train_loss": rec.train_loss,
             },
@@ -182,7 +191,8 @@ def summarize(exp: Experiment, history: list[RoundRecord], wall_s: float, comman
         "clients_per_round": fed.clients_per_round,
         "rounds": len(history),
         "seed": fed.seed,
-        "client_kind": "stateless",  # every sampled client downloads its downlink; nothing else is sent
+        # stateless: each sampled client downloads its downlink; stateful: every client gets every broadcast
+        "client_kind": exp.client_kind,
         "best_accuracy": best.accuracy if best else None,
         "best_round": best.round if best else None,
         "final_accuracy": last.accuracy if last else None,

@@ -13,6 +13,18 @@ deployment reads the same experiment file.
 
 Payload names starting with ``@`` are metadata scalars (``@round``,
 ``@num_samples``, ``@train_loss``); all other names are the algorithm's own.
+
+Two kinds of client, and the bytes of each are counted honestly:
+
+* ``stateless`` clients remember nothing between rounds: a sampled client
+  downloads everything it needs to train (:meth:`ServerHalf.configure`,
+  usually the whole model).
+* ``stateful`` clients keep a *replica* of the global model: every round the
+  server sends one broadcast (:meth:`ServerHalf.broadcast`) to all K clients,
+  sampled or not, and each applies it to its replica
+  (:meth:`ClientHalf.sync`); sampled clients then train from their replica.
+  Cheap broadcasts (MAPA's seed and k numbers) make this the cheaper kind;
+  the broadcast is charged to all K clients every round.
 """
 
 from __future__ import annotations
@@ -39,6 +51,7 @@ __all__ = [
     "RunContext",
     "ClientContext",
     "ALGORITHMS",
+    "CLIENT_KINDS",
     "register",
     "client_seed",
     "float_state",
@@ -56,15 +69,20 @@ class RunContext:
     device: torch.device = torch.device("cpu")
 
 
+CLIENT_KINDS = ("stateless", "stateful")
+
+
 @dataclass
 class ClientContext:
     """What a client half is handed for one round of local work.
 
     ``model`` is one module object reused across clients (its weights are
     whatever the previous client left: the client half must load what it
-    needs from the payload). ``state`` is this client's private storage, kept
-    by the transport between rounds (empty on first visit); only algorithms
-    that need client state write to it.
+    needs from the payload or the replica). ``state`` is this client's private
+    storage, kept by the transport between rounds (empty on first visit); only
+    algorithms that need client state write to it. ``replica`` is the
+    client's synced copy of the global model for stateful clients (read
+    only in :meth:`ClientHalf.fit`), None for stateless ones.
     """
 
     client_id: int
@@ -73,6 +91,7 @@ class ClientContext:
     data: ClientData
     trainer: LocalTrainer
     state: dict = field(default_factory=dict)
+    replica: dict[str, torch.Tensor] | None = None
 
     @property
     def seed(self) -> int:
@@ -99,8 +118,14 @@ class ServerHalf(ABC):
 
     @abstractmethod
     def configure(self, rnd: int, client_ids: Sequence[int]) -> dict[int, Payload]:
-        """The downlink payload for each selected client. Return the *same* object for
-        clients that receive the same bytes: the transport then serialises it once."""
+        """Stateless clients: the downlink payload for each selected client. Return the
+        *same* object for clients that receive the same bytes: the transport then
+        serialises it once."""
+
+    def broadcast(self, rnd: int) -> Payload:
+        """Stateful clients: the message every client receives at the start of round
+        ``rnd`` to bring its replica up to date (what changed since the last one)."""
+        raise NotImplementedError(f"{type(self).__name__} does not support stateful clients")
 
     @abstractmethod
     def aggregate(self, rnd: int, replies: Sequence[tuple[int, Payload]]) -> dict[str, float]:
@@ -116,8 +141,18 @@ class ClientHalf(ABC):
 
     @abstractmethod
     def fit(self, payload: Payload, ctx: ClientContext) -> Payload:
-        """Train on ``ctx.data`` starting from what ``payload`` says; return the uplink.
-        Must not modify the tensors of ``payload`` in place (it may be shared)."""
+        """Train on ``ctx.data`` starting from the downlink ``payload`` (stateless) or
+        from ``ctx.replica`` and this round's broadcast (stateful); return the uplink.
+        Must not modify ``payload`` or ``ctx.replica`` in place (they may be shared)."""
+
+    def init_replica(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Stateful clients: the replica every client starts with. All parties build
+        the initial model from the run's seed, so this costs no bytes."""
+        return {k: v.detach().clone() for k, v in float_state(model).items()}
+
+    def sync(self, payload: Payload, replica: dict[str, torch.Tensor]) -> None:
+        """Stateful clients: apply a broadcast to the replica, in place."""
+        raise NotImplementedError(f"{type(self).__name__} does not support stateful clients")
 
 
 class Algorithm(ABC):
@@ -125,6 +160,8 @@ class Algorithm(ABC):
 
     name: ClassVar[str]
     Options: ClassVar[type]
+    # The client kind the algorithm's paper assumes; `federation.client_kind = "auto"` uses it.
+    default_client_kind: ClassVar[str] = "stateless"
 
     def __init__(self, options: Any):
         self.options = options
@@ -143,8 +180,10 @@ class Algorithm(ABC):
         """The server half, starting from ``model``'s weights (the seeded initial model)."""
 
     @abstractmethod
-    def make_client(self, ctx: RunContext) -> ClientHalf:
-        """The client half (one object serves every client; per-client state lives in ClientContext.state)."""
+    def make_client(self, model: nn.Module, ctx: RunContext) -> ClientHalf:
+        """The client half for clients whose model has ``model``'s architecture (built from
+        the same experiment as the server's). One object serves every client; per-client
+        state lives in ClientContext.state."""
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, **dataclasses.asdict(self.options)}

@@ -1,9 +1,12 @@
 """FedAvg (McMahan et al., 2017): the baseline every byte count is measured against.
 
-Downlink: the global model's floating-point state (parameters and float
-buffers such as BatchNorm statistics), about 4*d bytes.
+Downlink (stateless clients): the global model's floating-point state
+(parameters and float buffers such as BatchNorm statistics), about 4*d bytes
+to each sampled client. Stateful clients instead all receive the last round's
+averaged update (about 4*d bytes to each of the K clients).
 Uplink: the client's update (local - global) for the same entries, plus the
-client's sample count, about 4*d bytes.
+client's sample count, about 4*d bytes; or its compressed form when a
+``compressor`` is set ("Sparse" and "Quantize" baselines of the MAPA paper).
 Server: W += sum_i n_i * delta_i / sum_i n_i (the sample-weighted mean, which
 equals averaging the clients' models).
 """
@@ -17,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rankfed.algorithms.compression import CompressionOptions, UplinkCodec
 from rankfed.algorithms.base import (
     Algorithm,
     ClientContext,
@@ -56,27 +60,37 @@ def load_weights(model: nn.Module, payload: Payload) -> None:
 
 
 @dataclass
-class FedAvgOptions:
-    """FedAvg has no options of its own (client training is configured in [client])."""
+class FedAvgOptions(CompressionOptions):
+    """FedAvg's own options are its uplink compressor (client training is set in [client])."""
 
 
 class FedAvgServer(ServerHalf):
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, codec: UplinkCodec):
         # The global model, as a state dict (int buffers kept but never sent).
         self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.codec = codec
+        self.last_update: dict[str, torch.Tensor] = {}  # what stateful clients have not applied yet
 
     def configure(self, rnd: int, client_ids: Sequence[int]) -> dict[int, Payload]:
         payload: Payload = {"@round": rnd}
         payload.update({k: v for k, v in self.state.items() if v.is_floating_point()})
         return {cid: payload for cid in client_ids}  # one object: every client gets the same bytes
 
+    def broadcast(self, rnd: int) -> Payload:
+        return {"@round": rnd, **self.last_update}
+
     def aggregate(self, rnd: int, replies: Sequence[tuple[int, Payload]]) -> dict[str, float]:
         if not replies:
+            self.last_update = {}
             return {"clients": 0}
         weights = [float(p["@num_samples"]) for _, p in replies]
+        deltas = [self.codec.decode(p) for _, p in replies]
+        self.last_update = {}
         for name, value in self.state.items():
             if value.is_floating_point():
-                value.add_(weighted_mean([p[name] for _, p in replies], weights).to(value.device))
+                mean = weighted_mean([d[name] for d in deltas], weights).to(value.device)
+                value.add_(mean)
+                self.last_update[name] = mean
         losses = [float(p["@train_loss"]) for _, p in replies]
         return {"clients": len(replies), "train_loss": sum(l * w for l, w in zip(losses, weights)) / sum(weights)}
 
@@ -85,9 +99,18 @@ class FedAvgServer(ServerHalf):
 
 
 class FedAvgClient(ClientHalf):
+    def __init__(self, codec: UplinkCodec):
+        self.codec = codec
+
+    def sync(self, payload: Payload, replica: dict[str, torch.Tensor]) -> None:
+        for name, value in replica.items():
+            if name in payload:  # round 1's broadcast carries no update yet
+                value.add_(payload[name].to(value.device))
+
     def fit(self, payload: Payload, ctx: ClientContext) -> Payload:
         model = ctx.model
-        load_weights(model, payload)
+        start = ctx.replica if ctx.replica is not None else payload
+        load_weights(model, start)
         model.train()
         stats = ctx.trainer.run(
             model.parameters(),
@@ -96,10 +119,10 @@ class FedAvgClient(ClientHalf):
             rnd=ctx.round,
             seed=ctx.seed,
         )
-        up: Payload = {"@num_samples": ctx.data.num_samples, "@train_loss": stats.mean_loss}
         with torch.no_grad():
-            for name, value in float_state(model).items():
-                up[name] = value - payload[name].to(value.device)
+            delta = {name: value - start[name].to(value.device) for name, value in float_state(model).items()}
+        up: Payload = {"@num_samples": ctx.data.num_samples, "@train_loss": stats.mean_loss}
+        up.update(self.codec.encode(delta, ctx.state, ctx.seed))
         return up
 
 
@@ -109,7 +132,7 @@ class FedAvg(Algorithm):
     Options = FedAvgOptions
 
     def make_server(self, model: nn.Module, ctx: RunContext) -> ServerHalf:
-        return FedAvgServer(model)
+        return FedAvgServer(model, UplinkCodec(self.options))
 
-    def make_client(self, ctx: RunContext) -> ClientHalf:
-        return FedAvgClient()
+    def make_client(self, model: nn.Module, ctx: RunContext) -> ClientHalf:
+        return FedAvgClient(UplinkCodec(self.options))

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rankfed.algorithms.base import Algorithm, ClientContext, RunContext
+from rankfed.algorithms.base import CLIENT_KINDS, Algorithm, ClientContext, RunContext
 from rankfed.data import ClientData
 from rankfed.sim.trainer import LocalTrainer
 from rankfed.wire import decode, encode
@@ -50,6 +50,8 @@ class RoundRecord:
     train_loss: float
     uplink_bytes_per_client: list[int] = field(default_factory=list)
     downlink_bytes_per_client: list[int] = field(default_factory=list)
+    broadcast_bytes: int = 0  # stateful clients: one broadcast's length, sent to every client
+    broadcast_recipients: int = 0
     accuracy: float | None = None
     loss: float | None = None
     eval_s: float | None = None
@@ -92,6 +94,12 @@ class Simulator:
     ``model`` is the seeded initial model: the server half starts from its
     weights, a deep copy serves as the one client model object, and another
     as the evaluation model.
+
+    ``client_kind`` is "stateless" or "stateful" (see
+    :mod:`rankfed.algorithms.base`). Stateful clients all apply the same
+    broadcasts to the same initial replica, so their replicas are identical:
+    the simulator keeps one, updated only through the client half's ``sync``
+    from the decoded broadcast, and charges each broadcast to all K clients.
     """
 
     def __init__(
@@ -104,17 +112,23 @@ class Simulator:
         clients_per_round: int,
         eval_every: int = 1,
         eval_batch_size: int = 1024,
+        client_kind: str = "stateless",
     ):
         if not 1 <= clients_per_round <= len(clients):
             raise ValueError(f"clients_per_round = {clients_per_round} must be in [1, {len(clients)}]")
+        if client_kind not in CLIENT_KINDS:
+            raise ValueError(f"client_kind = {client_kind!r}: must be one of {', '.join(CLIENT_KINDS)}")
+        self.client_kind = client_kind
         self.algorithm = algorithm
         self.ctx = ctx
         dev = ctx.device
         model = model.to(dev)
         self.server = algorithm.make_server(model, ctx)
-        self.client = algorithm.make_client(ctx)
+        self.client = algorithm.make_client(model, ctx)
         self.worker = copy.deepcopy(model)
         self.eval_model = copy.deepcopy(model)
+        # The one replica standing for every stateful client's (identical) replica.
+        self.replica = self.client.init_replica(model) if client_kind == "stateful" else None
         self.clients = [_to_device(c, dev) for c in clients]
         self.test_x, self.test_y = test[0].to(dev), test[1].to(dev)
         self.clients_per_round = clients_per_round
@@ -135,34 +149,45 @@ class Simulator:
             self._t_start = time.perf_counter()
         t0 = time.perf_counter()
         ids = self.sample(rnd)
-        downlinks = self.server.configure(rnd, ids)
-        # Serialise each distinct downlink object once; each recipient is charged its length.
-        wire_cache: dict[int, tuple[int, dict, object]] = {}
         replies = []
         up_sizes, down_sizes = [], []
+        broadcast_bytes = broadcast_recipients = 0
+        if self.client_kind == "stateful":
+            raw = encode(self.server.broadcast(rnd))
+            broadcast_bytes, broadcast_recipients = len(raw), len(self.clients)
+            message = decode(raw)
+            self.client.sync(message, self.replica)
+            received_by = dict.fromkeys(ids, message)
+        else:
+            # Serialise each distinct downlink object once; each recipient is charged its length.
+            downlinks = self.server.configure(rnd, ids)
+            wire_cache: dict[int, tuple[int, dict, object]] = {}
+            received_by = {}
+            for cid in ids:
+                sent = downlinks[cid]
+                if id(sent) not in wire_cache:
+                    raw = encode(sent)
+                    wire_cache[id(sent)] = (len(raw), decode(raw), sent)  # keep `sent` alive: ids stay unique
+                nbytes, received_by[cid], _ = wire_cache[id(sent)]
+                down_sizes.append(nbytes)
         for cid in ids:
-            sent = downlinks[cid]
-            if id(sent) not in wire_cache:
-                raw = encode(sent)
-                wire_cache[id(sent)] = (len(raw), decode(raw), sent)  # keep `sent` alive: ids stay unique
-            nbytes, received, _ = wire_cache[id(sent)]
-            down_sizes.append(nbytes)
             state = self.client_states.get(cid, {})
-            cctx = ClientContext(cid, rnd, self.worker, self.clients[cid], self.trainer, state)
-            raw = encode(self.client.fit(received, cctx))
+            cctx = ClientContext(cid, rnd, self.worker, self.clients[cid], self.trainer, state, self.replica)
+            raw = encode(self.client.fit(received_by[cid], cctx))
             up_sizes.append(len(raw))
             replies.append((cid, decode(raw)))
             if state:
                 self.client_states[cid] = state
         stats = self.server.aggregate(rnd, replies)
         round_s = time.perf_counter() - t0
+        down_total = sum(down_sizes) + broadcast_bytes * broadcast_recipients
         self.cum_up += sum(up_sizes)
-        self.cum_down += sum(down_sizes)
+        self.cum_down += down_total
         rec = RoundRecord(
             round=rnd,
             clients=ids,
             uplink_bytes=sum(up_sizes),
-            downlink_bytes=sum(down_sizes),
+            downlink_bytes=down_total,
             cum_uplink_bytes=self.cum_up,
             cum_downlink_bytes=self.cum_down,
             round_s=round_s,
@@ -170,6 +195,8 @@ class Simulator:
             train_loss=float(stats.get("train_loss", float("nan"))),
             uplink_bytes_per_client=up_sizes,
             downlink_bytes_per_client=down_sizes,
+            broadcast_bytes=broadcast_bytes,
+            broadcast_recipients=broadcast_recipients,
         )
         if rnd % self.eval_every == 0 or rnd == self.ctx.rounds:
             t1 = time.perf_counter()

@@ -82,11 +82,16 @@ class LocalTrainer:
         rnd: int,
         seed: int,
         optimizer: torch.optim.Optimizer | None = None,
+        after_backward: Callable[[], None] | None = None,
+        after_step: Callable[[], None] | None = None,
     ) -> TrainStats:
         """Optimise ``params`` on ``data`` for the round's local epochs (or steps).
 
         ``seed`` fixes the minibatch order (and any randomness inside the
         model, such as dropout), so a client's work is reproducible alone.
+        ``after_backward`` runs between ``loss.backward()`` and gradient clipping
+        (an algorithm that trains a reparametrisation fills ``params``' grads
+        there); ``after_step`` runs after each optimiser step.
         """
         params = list(params)
         opt = optimizer if optimizer is not None else self.make_optimizer(params, rnd)
@@ -103,9 +108,13 @@ class LocalTrainer:
             loss = loss_fn(data.x[idx], data.y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if after_backward is not None:
+                after_backward()
             if clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, clip)
             opt.step()
+            if after_step is not None:
+                after_step()
             loss_sum += loss.detach() * idx.numel()
             steps += 1
             samples += idx.numel()

@@ -1,0 +1,35 @@
+"""Low-rank parametrisations of model layers.
+
+:mod:`rankfed.lowrank.layers` holds the LoRA-style wrappers for ``nn.Linear``
+and ``nn.Conv2d`` used by FedLoRU, FedLoRA and FA-LoRA: a frozen
+``base_layer`` plus a trainable ``down`` / ``up`` pair, with reversible,
+recorded merges (accumulation) and re-initialisation.
+"""
+
+from .layers import (
+    InitMode,
+    LoRAConv2d,
+    LoRALayer,
+    LoRALinear,
+    apply_lora,
+    dense_state_dict,
+    load_lora_state,
+    lora_layers,
+    lora_state,
+    max_rank,
+    merge_all,
+)
+
+__all__ = [
+    "InitMode",
+    "LoRAConv2d",
+    "LoRALayer",
+    "LoRALinear",
+    "apply_lora",
+    "dense_state_dict",
+    "load_lora_state",
+    "lora_layers",
+    "lora_state",
+    "max_rank",
+    "merge_all",
+]
