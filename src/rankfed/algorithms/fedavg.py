@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rankfed.algorithms.aggregate import add_present_, apply_mean_update, mean_train_loss, sample_weights
 from rankfed.algorithms.compression import CompressionOptions, UplinkCodec
 from rankfed.algorithms.base import (
     Algorithm,
@@ -32,18 +33,7 @@ from rankfed.algorithms.base import (
 )
 from rankfed.wire import Payload
 
-__all__ = ["FedAvg", "weighted_mean", "load_weights"]
-
-
-def weighted_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """sum_i w_i * t_i / sum_i w_i, accumulated in the tensors' dtype."""
-    total = float(sum(weights))
-    if total <= 0:
-        raise ValueError(f"weights must sum to a positive number, got {list(weights)}")
-    out = torch.zeros_like(tensors[0])
-    for t, w in zip(tensors, weights):
-        out.add_(t, alpha=w / total)
-    return out
+__all__ = ["FedAvg", "load_weights"]
 
 
 def load_weights(model: nn.Module, payload: Payload) -> None:
@@ -83,16 +73,11 @@ class FedAvgServer(ServerHalf):
         if not replies:
             self.last_update = {}
             return {"clients": 0}
-        weights = [float(p["@num_samples"]) for _, p in replies]
+        weights = sample_weights(replies)
         deltas = [self.codec.decode(p) for _, p in replies]
-        self.last_update = {}
-        for name, value in self.state.items():
-            if value.is_floating_point():
-                mean = weighted_mean([d[name] for d in deltas], weights).to(value.device)
-                value.add_(mean)
-                self.last_update[name] = mean
-        losses = [float(p["@train_loss"]) for _, p in replies]
-        return {"clients": len(replies), "train_loss": sum(l * w for l, w in zip(losses, weights)) / sum(weights)}
+        floats = [n for n, v in self.state.items() if v.is_floating_point()]
+        self.last_update = apply_mean_update(self.state, deltas, weights, floats)
+        return {"clients": len(replies), "train_loss": mean_train_loss(replies, weights)}
 
     def global_model_state(self) -> dict[str, torch.Tensor]:
         return self.state
@@ -103,9 +88,7 @@ class FedAvgClient(ClientHalf):
         self.codec = codec
 
     def sync(self, payload: Payload, replica: dict[str, torch.Tensor]) -> None:
-        for name, value in replica.items():
-            if name in payload:  # round 1's broadcast carries no update yet
-                value.add_(payload[name].to(value.device))
+        add_present_(replica, payload)  # round 1's broadcast carries no update yet
 
     def fit(self, payload: Payload, ctx: ClientContext) -> Payload:
         model = ctx.model

@@ -27,7 +27,7 @@ from torch import nn
 
 from rankfed.algorithms.base import Algorithm, ClientContext, ClientHalf, RunContext, ServerHalf, register
 from rankfed.algorithms.compression import CompressionOptions, UplinkCodec
-from rankfed.algorithms.fedavg import weighted_mean
+from rankfed.algorithms.aggregate import add_present_, apply_mean_update, mean_train_loss, sample_weights
 from rankfed.config import ConfigError
 from rankfed.lowrank import apply_lora, dense_state_dict
 from rankfed.wire import Payload
@@ -107,15 +107,10 @@ class LoraServer(ServerHalf):
         self.last_update = {}
         if not replies:
             return {"clients": 0}
-        weights = [float(p["@num_samples"]) for _, p in replies]
+        weights = sample_weights(replies)
         deltas = [self.codec.decode(p) for _, p in replies]
-        with torch.no_grad():
-            for name, value in self.shared.items():
-                mean = weighted_mean([d[name] for d in deltas], weights).to(value.device)
-                value.add_(mean)
-                self.last_update[name] = mean
-        losses = [float(p["@train_loss"]) for _, p in replies]
-        return {"clients": len(replies), "train_loss": sum(l * w for l, w in zip(losses, weights)) / sum(weights)}
+        self.last_update = apply_mean_update(self.shared, deltas, weights)
+        return {"clients": len(replies), "train_loss": mean_train_loss(replies, weights)}
 
     def global_model_state(self) -> dict[str, torch.Tensor]:
         return dense_state_dict(self.model)
@@ -130,9 +125,7 @@ class LoraClient(ClientHalf):
         return {k: v.detach().clone() for k, v in self.shared.items()}
 
     def sync(self, payload: Payload, replica: dict[str, torch.Tensor]) -> None:
-        for name, value in replica.items():
-            if name in payload:
-                value.add_(payload[name].to(value.device))
+        add_present_(replica, payload)
 
     def fit(self, payload: Payload, ctx: ClientContext) -> Payload:
         start = ctx.replica if ctx.replica is not None else payload

@@ -40,7 +40,7 @@ from torch import nn
 
 from rankfed.algorithms.base import Algorithm, ClientContext, ClientHalf, RunContext, ServerHalf, register
 from rankfed.algorithms.compression import CompressionOptions, UplinkCodec
-from rankfed.algorithms.fedavg import weighted_mean
+from rankfed.algorithms.aggregate import add_present_, apply_mean_update, mean_train_loss, sample_weights, weighted_mean
 from rankfed.config import ConfigError
 from rankfed.wire import Payload
 
@@ -145,20 +145,16 @@ class MapaServer(ServerHalf):
         if not replies:
             self.last = {}
             return {"clients": 0}
-        weights = [float(p["@num_samples"]) for _, p in replies]
+        weights = sample_weights(replies)
         ups = [self.codec.decode(p) for _, p in replies]
         b_bar = weighted_mean([u["B"] for u in ups], weights)
         seed = self._seed(rnd)
         a = self.geo.a(seed, b_bar.device)
         with torch.no_grad():
             self.geo.layout.add_(self.params, expand(a, b_bar, self.geo.d))  # W += vec(A B_bar)[:d]
-            self.last = {"@prev_seed": seed, "B_prev": b_bar}
-            for name in self.buffer_names:
-                mean = weighted_mean([u[name] for u in ups], weights)
-                self.state[name].add_(mean)
-                self.last[name] = mean
-        losses = [float(p["@train_loss"]) for _, p in replies]
-        return {"clients": len(replies), "train_loss": sum(l * w for l, w in zip(losses, weights)) / sum(weights)}
+        buffer_means = apply_mean_update(self.state, ups, weights, self.buffer_names)
+        self.last = {"@prev_seed": seed, "B_prev": b_bar, **buffer_means}
+        return {"clients": len(replies), "train_loss": mean_train_loss(replies, weights)}
 
     def global_model_state(self) -> dict[str, torch.Tensor]:
         return self.state
@@ -177,9 +173,7 @@ class MapaClient(ClientHalf):
         params = [replica[n] for n in self.geo.layout.names]
         with torch.no_grad():
             self.geo.layout.add_(params, expand(a, b, self.geo.d).to(params[0].device))
-            for name, value in replica.items():
-                if name not in self.geo.layout.names and name in payload:
-                    value.add_(payload[name].to(value.device))
+        add_present_({n: v for n, v in replica.items() if n not in self.geo.layout.names}, payload)  # buffer means
 
     def fit(self, payload: Payload, ctx: ClientContext) -> Payload:
         geo, model = self.geo, ctx.model
