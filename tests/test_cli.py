@@ -116,7 +116,7 @@ def test_compare_tabulates_and_plot_draws(config, tmp_path, capsys):
 
 def test_compare_rejects_unknown_algorithm(config, tmp_path, capsys):
     assert main(["-q", "compare", str(config), "--algorithms", "fedavg,nope", "--out", str(tmp_path / "c")]) == 2
-    assert "unknown algorithm 'nope'" in capsys.readouterr().err
+    assert "unknown algorithm or variant 'nope'" in capsys.readouterr().err
 
 
 def test_console_script_runs_demo_config_subset(tmp_path):

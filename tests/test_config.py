@@ -62,6 +62,8 @@ def test_resolved_config_round_trips_through_toml(tmp_path):
         ({"algorithm": {"name": "fedprox"}}, r"algorithm\.name = 'fedprox': must be one of"),
         ({"algorithm": {"name": "fedavg", "rank": 4}}, r"unknown key algorithm\.rank"),
         ({"algorithms": {"nope": {}}}, r"algorithms = 'nope'"),
+        ({"algorithms": {"v": {"name": "nope"}}}, r"algorithms\.v\.name = 'nope'"),
+        ({"algorithms": {"v": {"name": "fedavg", "k": 3}}}, r"unknown key algorithms\.v\.k"),
     ],
 )
 def test_bad_configs_name_key_and_value(doc, pattern):
@@ -97,3 +99,22 @@ def test_ints_are_accepted_for_floats_but_bools_are_not():
     assert parse_config({"client": {"lr": 1}}).client.lr == 1.0
     with pytest.raises(ConfigError, match="must be of type float"):
         parse_config({"client": {"lr": True}})
+
+
+def test_variants_name_their_algorithm_and_options():
+    cfg = parse_config({"algorithm": {"name": "mapa", "k": 8}, "algorithms": {"fedavg+q": {"name": "fedavg", "compressor": "qsgd"}, "mapa": {"k": 32}}})
+    v = cfg.with_algorithm("fedavg+q").algorithm
+    assert v.name == "fedavg" and v.options["compressor"] == "qsgd"
+    assert cfg.with_algorithm("mapa").algorithm.options["k"] == 32  # the table wins over [algorithm]
+    assert parse_config({"algorithm": {"name": "mapa", "k": 8}}).with_algorithm("mapa").algorithm.options["k"] == 8
+    assert cfg.with_algorithm("fedavg").algorithm.options["compressor"] == ""  # plain defaults
+
+
+def test_variant_client_overrides_apply_to_that_variant_only():
+    cfg = parse_config({"client": {"lr": 0.05, "momentum": 0.9}, "algorithms": {"mapa": {"k": 8, "client": {"lr": 0.5}}, "fedavg": {}}})
+    assert cfg.with_algorithm("mapa").client.lr == 0.5 and cfg.with_algorithm("mapa").client.momentum == 0.9
+    assert cfg.with_algorithm("fedavg").client.lr == 0.05
+    with pytest.raises(ConfigError, match=r"algorithms\.mapa\.client\.lr = -1\.0"):
+        parse_config({"algorithms": {"mapa": {"client": {"lr": -1}}}})
+    with pytest.raises(ConfigError, match=r"unknown key algorithms\.mapa\.client\.rate"):
+        parse_config({"algorithms": {"mapa": {"client": {"rate": 1}}}})

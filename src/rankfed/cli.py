@@ -82,14 +82,18 @@ def _run_one(cfg: ExperimentConfig, out: Path, console: Console, quiet: bool, ov
         return run_experiment(cfg, out, overwrite=overwrite, on_round=report, dataset=dataset, command=command)
 
 
-def comparison_rows(summaries: list[dict]) -> list[dict]:
-    """One row per run, with communication relative to the FedAvg run among them (if any)."""
-    ref = next((s for s in summaries if s["algorithm"] == "fedavg"), None)
+def _is_plain_fedavg(summary: dict) -> bool:
+    return summary["algorithm"] == "fedavg" and not summary["algorithm_options"].get("compressor")
+
+
+def comparison_rows(summaries: dict[str, dict]) -> list[dict]:
+    """One row per labelled run, with communication relative to the plain FedAvg run among them (if any)."""
+    ref = next((s for s in summaries.values() if _is_plain_fedavg(s)), None)
     rows = []
-    for s in summaries:
+    for label, s in summaries.items():
         up, down = s["total_uplink_bytes"], s["total_downlink_bytes"]
         row = {
-            "algorithm": s["algorithm"],
+            "algorithm": label,
             "best_accuracy": s["best_accuracy"],
             "best_round": s["best_round"],
             "final_accuracy": s["final_accuracy"],
@@ -135,19 +139,14 @@ def _markdown(rows: list[dict]) -> str:
 
 
 def _compare(cfg: ExperimentConfig, algorithms: list[str], out: Path, console: Console, quiet: bool, overwrite: bool, title: str) -> list[dict]:
-    from rankfed.algorithms import ALGORITHMS
     from rankfed.plot import plot_runs
     from rankfed.runner import load_task_data
 
-    for name in algorithms:
-        if name not in ALGORITHMS:
-            raise ConfigError(f"--algorithms: unknown algorithm {name!r}; choose from {', '.join(sorted(ALGORITHMS))}")
+    variants = {label: cfg.with_algorithm(label) for label in algorithms}  # checks every label first
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"output folder {str(out)!r} exists and is not empty (pass --overwrite to replace it)")
     dataset = load_task_data(cfg)  # loaded once, shared by every algorithm's run
-    summaries = []
-    for name in algorithms:
-        summaries.append(_run_one(cfg.with_algorithm(name), out / name, console, quiet, True, name, dataset))
+    summaries = {label: _run_one(v, out / label, console, quiet, True, label, dataset) for label, v in variants.items()}
     rows = comparison_rows(summaries)
     (out / "comparison.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
     (out / "comparison.md").write_text(_markdown(rows), encoding="utf-8")
@@ -187,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp)
     sp = sub.add_parser("compare", help="run the same task with several algorithms and tabulate")
     common(sp)
-    sp.add_argument("--algorithms", required=True, help="comma-separated algorithm names, e.g. fedavg,mapa")
+    sp.add_argument("--algorithms", required=True, help="comma-separated algorithm names or [algorithms.<label>] variants, e.g. fedavg,mapa")
     sp = sub.add_parser("demo", help="the embedded demo (digits, no download, ~1 minute)")
     common(sp, config=False)
     sp = sub.add_parser("plot", help="plot run folders: accuracy vs round and vs cumulative bytes")

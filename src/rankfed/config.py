@@ -2,7 +2,8 @@
 
 An experiment file has the sections ``[task]``, ``[federation]``, ``[client]``
 and ``[algorithm]`` (``name`` plus that algorithm's own options), and optionally
-``[algorithms.<name>]`` tables giving options per algorithm for ``rankfed
+``[algorithms.<label>]`` tables (``name`` = the algorithm, default the label,
+plus its options) naming the variants that ``rankfed
 compare``. Unknown sections and keys are errors, and every error names the key
 and the bad value.
 """
@@ -183,26 +184,50 @@ class ExperimentConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
-    # options per algorithm name for `rankfed compare`, e.g. {"mapa": {"k": 64}}
+    # variants for `rankfed compare`, by label: {"mapa": {"k": 64}, "fedavg+qsgd": {"name": "fedavg", "compressor": "qsgd"}}
     algorithms: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for label, opts in self.algorithms.items():
+            if not isinstance(opts, dict):
+                raise _bad(f"algorithms.{label}", opts, "must be a table of options")
+            self.variant(label)  # checks the algorithm name and its options
+            self.variant_client(label)  # and the client overrides
+
+    def variant(self, label: str) -> AlgorithmConfig:
+        """The algorithm and options a label stands for: an [algorithms.<label>] table (its
+        ``name`` key, default the label, and its options); else the algorithm of that name
+        with the [algorithm] options if it is the one there, defaults otherwise."""
         from rankfed.algorithms import ALGORITHMS
 
-        for name, opts in self.algorithms.items():
-            _choice("algorithms", name, sorted(ALGORITHMS))
-            if not isinstance(opts, dict):
-                raise _bad(f"algorithms.{name}", opts, "must be a table of options")
-            ALGORITHMS[name].parse_options(opts, section=f"algorithms.{name}")
-        if self.client.batch_size < 1:  # pragma: no cover - checked in ClientConfig
-            raise _bad("client.batch_size", self.client.batch_size, "must be >= 1")
+        if label in self.algorithms:
+            opts = dict(self.algorithms[label])
+            name = opts.pop("name", label)
+            opts.pop("client", None)  # client overrides: see with_algorithm
+            if name not in ALGORITHMS:
+                raise _bad(f"algorithms.{label}.name" if label != name else "algorithms", name, f"must be one of {', '.join(sorted(ALGORITHMS))}")
+            ALGORITHMS[name].parse_options(opts, section=f"algorithms.{label}")
+            return AlgorithmConfig(name=name, options=opts)
+        if label not in ALGORITHMS:
+            raise ConfigError(f"unknown algorithm or variant {label!r}; algorithms: {', '.join(sorted(ALGORITHMS))}; variants: {', '.join(self.algorithms) or 'none'}")
+        opts = dict(self.algorithm.options) if label == self.algorithm.name else {}
+        return AlgorithmConfig(name=label, options=opts)
 
-    def with_algorithm(self, name: str) -> ExperimentConfig:
-        """The same experiment run with another algorithm (options from [algorithms.<name>])."""
-        opts = dict(self.algorithms.get(name, {}))
-        if not opts and name == self.algorithm.name:
-            opts = dict(self.algorithm.options)
-        return dataclasses.replace(self, algorithm=AlgorithmConfig(name=name, options=opts))
+    def with_algorithm(self, label: str) -> ExperimentConfig:
+        """The same experiment run with another algorithm or variant (see :meth:`variant`).
+        A variant's ``client`` table overrides [client] keys (a learning rate tuned per method)."""
+        return dataclasses.replace(self, algorithm=self.variant(label), client=self.variant_client(label))
+
+    def variant_client(self, label: str) -> ClientConfig:
+        """[client] with the variant's ``client`` table applied over it."""
+        overrides = self.algorithms.get(label, {}).get("client", {})
+        if not overrides:
+            return self.client
+        try:
+            return from_mapping(ClientConfig, {**dataclasses.asdict(self.client), **overrides}, f"algorithms.{label}.client")
+        except ConfigError as e:  # a value check names "client.x": point at the variant's table
+            msg = str(e)
+            raise ConfigError(f"algorithms.{label}.{msg}" if msg.startswith("client.") else msg) from None
 
 
 _SECTIONS = {

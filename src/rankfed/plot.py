@@ -32,12 +32,24 @@ def read_metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in lines if line.strip()]
 
 
+def _non_default(algorithm: str, options: dict) -> dict:
+    """The options that differ from the algorithm's defaults (all of them if it is unknown)."""
+    import dataclasses
+
+    from rankfed.algorithms import ALGORITHMS
+
+    if algorithm not in ALGORITHMS:
+        return options
+    defaults = dataclasses.asdict(ALGORITHMS[algorithm].Options())
+    return {k: v for k, v in options.items() if defaults.get(k) != v}
+
+
 def _label(run: Path) -> str:
     summary = run / "summary.json"
     if summary.is_file():
         s = json.loads(summary.read_text(encoding="utf-8"))
         opts = {k: v for k, v in s.get("algorithm_options", {}).items() if k != "name"}
-        extra = ", ".join(f"{k}={v}" for k, v in opts.items())
+        extra = ", ".join(f"{k}={v}" for k, v in _non_default(s.get("algorithm", ""), opts).items())
         return f"{run.name} ({extra})" if extra else run.name
     return run.name
 
