@@ -154,3 +154,32 @@ def test_demo_prints_a_comparison_table(tmp_path, capsys):
     assert "best acc" in out and "fedavg" in out and "uplink vs FedAvg" in out
     rows = json.loads((tmp_path / "demo" / "comparison.json").read_text())
     assert rows and all(r["best_accuracy"] > 0.8 for r in rows)  # digits is easy: every algorithm learns it
+
+
+@pytest.mark.parametrize(
+    "sets",
+    [
+        ["algorithm.name=mapa", "algorithm.k=64"],
+        ["algorithm.name=mapa", "algorithm.k=64", "algorithm.fresh_a=false", "federation.client_kind=stateless"],
+        ["algorithm.name=mapa", "algorithm.k=64", "algorithm.compressor=qsgd", "algorithm.qsgd_bits=4"],
+        ["algorithm.name=fa_lora", "algorithm.rank=4"],
+        ["algorithm.compressor=topk", "algorithm.topk_ratio=0.05", "algorithm.error_feedback=true"],
+        ["algorithm.compressor=qsgd"],
+        ["algorithm.compressor=topk+qsgd", "federation.client_kind=stateful"],
+    ],
+)
+def test_run_accepts_every_algorithm_and_compressor(config, tmp_path, sets):
+    out = tmp_path / "r"
+    args = ["-q", "run", str(config), "--out", str(out), "--set", "federation.rounds=2"]
+    for s in sets:
+        args += ["--set", s]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    resolved = (out / "config.toml").read_text()
+    for s in sets:
+        key, value = s.split("=")
+        if key.startswith("algorithm."):
+            assert str(summary["algorithm_options"][key.split(".")[1]]).lower() == value.lower()
+    assert "client_kind" in summary and summary["total_uplink_bytes"] > 0
+    assert summary["uplink_vs_fedavg"] < 0.5  # each of these sends under half of FedAvg's uplink
+    assert "[algorithm]" in resolved

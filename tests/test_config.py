@@ -118,3 +118,14 @@ def test_variant_client_overrides_apply_to_that_variant_only():
         parse_config({"algorithms": {"mapa": {"client": {"lr": -1}}}})
     with pytest.raises(ConfigError, match=r"unknown key algorithms\.mapa\.client\.rate"):
         parse_config({"algorithms": {"mapa": {"client": {"rate": 1}}}})
+
+
+def test_the_readme_experiment_file_is_valid():
+    """The documented experiment file parses, so the docs cannot drift from the code."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("### The experiment file", 1)[1].split("```toml", 1)[1].split("```", 1)[0]
+    cfg = parse_config(tomllib.loads(block))
+    assert cfg.task.dataset == "fmnist" and cfg.federation.client_kind == "auto"
+    assert cfg.with_algorithm("fedavg+qsgd8").algorithm.options["compressor"] == "qsgd"
