@@ -1,4 +1,4 @@
-"""Layer-wise LoRA in federated learning: FA-LoRA (freeze A, train and send only B).
+"""Layer-wise LoRA in federated learning: FA-LoRA, FedLoRA and FedLoRU.
 
 Every selected ``nn.Linear`` / ``nn.Conv2d`` becomes base + (alpha / r) * up(down(x))
 (:mod:`rankfed.lowrank`). In FA-LoRA (Sun et al. 2024; the MAPA paper's
@@ -8,10 +8,21 @@ model, and only ``up`` (the projection B, zero at the start) trains, together
 with whatever was not factorised (biases, norms, unmatched layers), which is
 trained and sent in full and counted.
 
-Since base weights and A are rebuilt from the seed by every party, the
-global state is just the trained tensors: that is the whole downlink of a
-stateless client, and a stateful client's broadcast is their last averaged
-update. Uplink: the client's change of the same tensors.
+FedLoRA (the FedLoRU paper's baseline) trains both factors; the server
+averages A and B separately. FedLoRU (Park & Klabjan, Algorithm 1) does the
+same and every ``tau`` rounds the server and the clients merge
+(alpha / r) * up @ down into the base weights and re-initialise the factors
+(``random``: down Kaiming-uniform from a seed both sides derive, up zero; or
+``momentum``: keep them), so the global model's rank grows with each merge.
+
+Base weights and the initial factors are rebuilt from the run's seed by every
+party, so the global state is the trained tensors: that is the downlink of a
+stateless client until the first merge (after it, the moved base weights of
+the factorised layers are added: a stateless client has no other way to know
+them). A stateful client's broadcast is the last averaged update, plus a flag
+and a seed when the server merged after that round: the client merges its own
+replica the same way, and no base weight is ever sent. Uplink: the client's
+change of the trained tensors.
 """
 
 from __future__ import annotations
@@ -29,17 +40,17 @@ from rankfed.algorithms.base import Algorithm, ClientContext, ClientHalf, RunCon
 from rankfed.algorithms.compression import CompressionOptions, UplinkCodec
 from rankfed.algorithms.aggregate import add_present_, apply_mean_update, mean_train_loss, sample_weights
 from rankfed.config import ConfigError
-from rankfed.lowrank import apply_lora, dense_state_dict
+from rankfed.lowrank import apply_lora, dense_state_dict, lora_layers, merge_all
 from rankfed.wire import Payload
 
-__all__ = ["FaLora", "FaLoraOptions", "build_lora_model"]
+__all__ = ["FaLora", "FedLora", "FedLoru", "LoraOptions", "FaLoraOptions", "FedLoraOptions", "FedLoruOptions", "build_lora_model"]
 
 
 @dataclass
-class FaLoraOptions(CompressionOptions):
+class LoraOptions(CompressionOptions):
     rank: int = 4
     alpha: float = 0.0  # update scale is alpha / rank; 0 = alpha equal to rank (scale 1)
-    patterns: list = field(default_factory=lambda: ["*"])  # fnmatch on module names: which layers get factors
+    patterns: list = field(default_factory=lambda: ["*conv*"])  # fnmatch on module names: which layers get factors
     exclude: list = field(default_factory=list)
     train_bias: bool = True  # biases of factorised layers train (and are sent)
 
@@ -57,11 +68,48 @@ class FaLoraOptions(CompressionOptions):
             raise ConfigError("algorithm.patterns = []: give at least one module-name pattern")
 
 
+@dataclass
+class FaLoraOptions(LoraOptions):
+    patterns: list = field(default_factory=lambda: ["*"])  # FA-LoRA factorises every layer by default
+
+
+@dataclass
+class FedLoraOptions(LoraOptions):
+    """FedLoRA: both factors train; the paper factorises the convolutions (the default)."""
+
+
+@dataclass
+class FedLoruOptions(LoraOptions):
+    tau: int = 10  # merge the factors into the base every tau rounds
+    reinit: str = "random"  # after a merge: random (down Kaiming, up zero) | momentum (keep both)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.tau < 1:
+            raise ConfigError(f"algorithm.tau = {self.tau}: must be >= 1 (fedlora is FedLoRU without merges)")
+        if self.reinit not in ("random", "momentum"):
+            raise ConfigError(f"algorithm.reinit = {self.reinit!r}: must be one of random, momentum")
+
+
 def _factor_seed(run_seed: int) -> int:
     return int(np.random.SeedSequence([run_seed, 0x4641]).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
-def build_lora_model(model: nn.Module, opts: FaLoraOptions, run_seed: int, freeze_down: bool) -> nn.Module:
+def _merge_seed(run_seed: int, rnd: int) -> int:
+    return int(np.random.SeedSequence([run_seed, rnd, 0x4C4F5255]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def _merge(model: nn.Module, reinit: str, seed: int) -> None:
+    """Merge every wrapper's factors into its base and re-initialise them (same draws on every party)."""
+    merge_all(model, reinit, generator=torch.Generator().manual_seed(seed))
+
+
+def _base_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The live base weights of the factorised layers, by state-dict name."""
+    return {f"{n}.base_layer.weight": layer.base_layer.weight for n, layer in lora_layers(model).items()}
+
+
+def build_lora_model(model: nn.Module, opts: LoraOptions, run_seed: int, freeze_down: bool) -> nn.Module:
     """A wrapped copy of the seeded initial ``model``; the factors' random draws come from
     the run's seed, so the server and every client build the same one."""
     wrapped = copy.deepcopy(model)
@@ -91,13 +139,18 @@ def _shared_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 class LoraServer(ServerHalf):
-    def __init__(self, wrapped: nn.Module, codec: UplinkCodec):
+    def __init__(self, wrapped: nn.Module, codec: UplinkCodec, run_seed: int = 0, tau: int = 0, reinit: str = "random"):
         self.model, self.codec = wrapped, codec
+        self.run_seed, self.tau, self.reinit = run_seed, tau, reinit
         self.shared = _shared_state(wrapped)
-        self.last_update: dict[str, torch.Tensor] = {}
+        self.base = _base_weights(wrapped)
+        self.merges = 0
+        self.last_update: Payload = {}
 
     def configure(self, rnd: int, client_ids: Sequence[int]) -> dict[int, Payload]:
         payload: Payload = {"@round": rnd, **{k: v.detach() for k, v in self.shared.items()}}
+        if self.merges:  # the base moved: a client without memory must download it
+            payload.update({k: v.detach() for k, v in self.base.items()})
         return {cid: payload for cid in client_ids}
 
     def broadcast(self, rnd: int) -> Payload:
@@ -109,7 +162,13 @@ class LoraServer(ServerHalf):
             return {"clients": 0}
         weights = sample_weights(replies)
         deltas = [self.codec.decode(p) for _, p in replies]
+        # A and B (and everything else trained) are averaged separately, as the paper does.
         self.last_update = apply_mean_update(self.shared, deltas, weights)
+        if self.tau and rnd % self.tau == 0:
+            seed = _merge_seed(self.run_seed, rnd)
+            _merge(self.model, self.reinit, seed)
+            self.merges += 1
+            self.last_update.update({"@merge": True, "@merge_seed": seed})
         return {"clients": len(replies), "train_loss": mean_train_loss(replies, weights)}
 
     def global_model_state(self) -> dict[str, torch.Tensor]:
@@ -117,21 +176,36 @@ class LoraServer(ServerHalf):
 
 
 class LoraClient(ClientHalf):
-    def __init__(self, wrapped: nn.Module, codec: UplinkCodec):
-        self.model, self.codec = wrapped, codec  # this client half's own wrapped model object
+    def __init__(self, wrapped: nn.Module, codec: UplinkCodec, reinit: str = "random"):
+        self.model, self.codec, self.reinit = wrapped, codec, reinit  # this client half's own wrapped model object
         self.shared = _shared_state(wrapped)
+        self.base = _base_weights(wrapped)
+        # The seeded initial base: what a stateless client knows without downloading anything.
+        self.base0 = {k: v.detach().clone() for k, v in self.base.items()}
 
     def init_replica(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self.shared.items()}
+        return {k: v.detach().clone() for k, v in {**self.shared, **self.base}.items()}
+
+    def _load(self, source: dict) -> None:
+        with torch.no_grad():
+            for name, value in self.shared.items():
+                value.copy_(source[name])
+            for name, value in self.base.items():
+                value.copy_(source[name] if name in source else self.base0[name])
 
     def sync(self, payload: Payload, replica: dict[str, torch.Tensor]) -> None:
-        add_present_(replica, payload)
+        add_present_({k: v for k, v in replica.items() if k in self.shared}, payload)
+        if payload.get("@merge"):
+            # Merge the replica exactly as the server merged its model (same factors, same seed).
+            self._load(replica)
+            _merge(self.model, self.reinit, int(payload["@merge_seed"]))
+            with torch.no_grad():
+                for name, value in {**self.shared, **self.base}.items():
+                    replica[name].copy_(value)
 
     def fit(self, payload: Payload, ctx: ClientContext) -> Payload:
         start = ctx.replica if ctx.replica is not None else payload
-        with torch.no_grad():
-            for name, value in self.shared.items():
-                value.copy_(start[name])
+        self._load(start)
         model = self.model
         model.train()
         stats = ctx.trainer.run(
@@ -148,15 +222,44 @@ class LoraClient(ClientHalf):
         return up
 
 
+class _LoraFamily(Algorithm):
+    freeze_down: bool = False
+
+    def _tau_reinit(self) -> tuple[int, str]:
+        return getattr(self.options, "tau", 0), getattr(self.options, "reinit", "random")
+
+    def make_server(self, model: nn.Module, ctx: RunContext) -> ServerHalf:
+        tau, reinit = self._tau_reinit()
+        wrapped = build_lora_model(model, self.options, ctx.seed, freeze_down=self.freeze_down)
+        return LoraServer(wrapped, UplinkCodec(self.options), ctx.seed, tau, reinit)
+
+    def make_client(self, model: nn.Module, ctx: RunContext) -> ClientHalf:
+        _, reinit = self._tau_reinit()
+        wrapped = build_lora_model(model, self.options, ctx.seed, freeze_down=self.freeze_down)
+        return LoraClient(wrapped, UplinkCodec(self.options), reinit)
+
+
 @register
-class FaLora(Algorithm):
+class FaLora(_LoraFamily):
     """Layer-wise FA-LoRA: A (``down``) frozen at random, only B (``up``) trained and sent."""
 
     name = "fa_lora"
     Options = FaLoraOptions
+    freeze_down = True
 
-    def make_server(self, model: nn.Module, ctx: RunContext) -> ServerHalf:
-        return LoraServer(build_lora_model(model, self.options, ctx.seed, freeze_down=True), UplinkCodec(self.options))
 
-    def make_client(self, model: nn.Module, ctx: RunContext) -> ClientHalf:
-        return LoraClient(build_lora_model(model, self.options, ctx.seed, freeze_down=True), UplinkCodec(self.options))
+@register
+class FedLora(_LoraFamily):
+    """FedLoRA: both factors trained and averaged separately; no accumulation."""
+
+    name = "fedlora"
+    Options = FedLoraOptions
+
+
+@register
+class FedLoru(_LoraFamily):
+    """FedLoRU: FedLoRA plus a merge of the factors into the base every ``tau`` rounds."""
+
+    name = "fedloru"
+    Options = FedLoruOptions
+    default_client_kind = "stateful"  # the paper's clients keep W and merge locally
