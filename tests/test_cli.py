@@ -165,6 +165,7 @@ def test_demo_prints_a_comparison_table(tmp_path, capsys):
         ["algorithm.name=fa_lora", "algorithm.rank=4"],
         ["algorithm.name=fedlora", "algorithm.rank=4", 'algorithm.patterns=["*"]'],
         ["algorithm.name=fedloru", "algorithm.rank=4", "algorithm.tau=1", 'algorithm.patterns=["*"]'],
+        ["algorithm.name=fedhm", "algorithm.rank_factor=4", 'algorithm.patterns=["*"]'],
         ["algorithm.compressor=topk", "algorithm.topk_ratio=0.05", "algorithm.error_feedback=true"],
         ["algorithm.compressor=qsgd"],
         ["algorithm.compressor=topk+qsgd", "federation.client_kind=stateful"],

@@ -1,0 +1,166 @@
+"""FedHM (Yao et al. 2021): the server factorises, clients train the factors, the server recovers.
+
+Each round the server takes every selected convolution's kernel W (out, in, kh, kw),
+reshapes it to (out, in*kh*kw) as the FedHM code does, and keeps the top-r
+singular triplets, r = max(1, out // rank_factor):
+
+    W ~ U_r S_r V_r^T = up @ down,  up = U_r S_r^(1/2) (out, r) -> a 1x1 conv (out, r, 1, 1)
+                                    down = S_r^(1/2) V_r^T (r, in*kh*kw) -> a conv (r, in, kh, kw)
+
+Clients train that factorised model (the factors, and every other layer in
+full) and send it back; the server multiplies each client's factors back to a
+full kernel and averages the full weights (sample-weighted), then factorises
+again next round. Downlink and uplink: the factors plus the unfactorised
+tensors. Clients keep nothing between rounds (stateless only: the factors are
+recomputed from the averaged model every round).
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rankfed.algorithms.aggregate import mean_train_loss, sample_weights, weighted_mean
+from rankfed.algorithms.base import Algorithm, ClientContext, ClientHalf, RunContext, ServerHalf, register
+from rankfed.config import ConfigError
+from rankfed.lowrank import apply_lora, lora_layers, max_rank
+from rankfed.wire import Payload
+
+__all__ = ["FedHM", "FedHmOptions", "svd_factors", "factor_ranks"]
+
+
+@dataclass
+class FedHmOptions:
+    rank_factor: int = 4  # rank of each factorised layer = max(1, out_channels // rank_factor)
+    patterns: list = field(default_factory=lambda: ["*conv*"])  # module-name globs, as in fedloru
+    exclude: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.rank_factor < 1:
+            raise ConfigError(f"algorithm.rank_factor = {self.rank_factor}: must be >= 1")
+        if not self.patterns or not all(isinstance(p, str) for p in self.patterns):
+            raise ConfigError(f"algorithm.patterns = {self.patterns!r}: must be a non-empty list of strings")
+
+
+@torch.no_grad()
+def svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(down, up) with up @ down the best rank-``rank`` approximation of ``weight`` reshaped
+    to (out, -1); shaped as conv (or linear) weights of the LoRA pair."""
+    out = weight.shape[0]
+    u, s, vh = torch.linalg.svd(weight.reshape(out, -1).double(), full_matrices=False)
+    root = s[:rank].sqrt()
+    up = (u[:, :rank] * root).to(weight.dtype)  # (out, r)
+    down = (root[:, None] * vh[:rank]).to(weight.dtype)  # (r, in*kh*kw)
+    if weight.dim() == 4:
+        return down.reshape(rank, *weight.shape[1:]), up[:, :, None, None]
+    return down, up
+
+
+def factor_ranks(model: nn.Module, opts: FedHmOptions) -> dict[str, int]:
+    """The rank of every layer FedHM factorises (out // rank_factor, within the layer's limits)."""
+    ranks = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.Conv2d, nn.Linear)):
+            continue
+        if any(fnmatch.fnmatchcase(name, p) for p in opts.patterns) and not any(fnmatch.fnmatchcase(name, p) for p in opts.exclude):
+            out = module.out_channels if isinstance(module, nn.Conv2d) else module.out_features
+            ranks[name] = max(1, min(out // opts.rank_factor, max_rank(module)))
+    if not ranks:
+        raise ConfigError(f"algorithm.patterns = {opts.patterns}: no Conv2d/Linear layer of the model matches")
+    return ranks
+
+
+def _factorised_model(model: nn.Module, ranks: dict[str, int]) -> nn.Module:
+    """A copy whose selected layers compute only up(down(x)) + bias (the base weight is zero)."""
+    wrapped = copy.deepcopy(model)
+    for name, rank in ranks.items():
+        apply_lora(wrapped, rank, float(rank), patterns=[name])  # scale alpha / rank = 1
+    with torch.no_grad():
+        for layer in lora_layers(wrapped).values():
+            layer.base_layer.weight.zero_()
+    return wrapped
+
+
+class FedHmServer(ServerHalf):
+    def __init__(self, model: nn.Module, ranks: dict[str, int]):
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.ranks = ranks
+        # What travels besides the factors: every float entry that is not a factorised kernel.
+        self.others = [k for k, v in self.state.items() if v.is_floating_point() and k[: -len(".weight")] not in ranks]
+
+    def configure(self, rnd: int, client_ids: Sequence[int]) -> dict[int, Payload]:
+        payload: Payload = {"@round": rnd}
+        for name, rank in self.ranks.items():
+            down, up = svd_factors(self.state[f"{name}.weight"], rank)
+            payload[f"{name}.down.weight"], payload[f"{name}.up.weight"] = down, up
+        for key in self.others:
+            payload[_wrapped_name(key, self.ranks)] = self.state[key]
+        return {cid: payload for cid in client_ids}
+
+    def aggregate(self, rnd: int, replies: Sequence[tuple[int, Payload]]) -> dict[str, float]:
+        if not replies:
+            return {"clients": 0}
+        weights = sample_weights(replies)
+        with torch.no_grad():
+            for name in self.ranks:
+                kernel = self.state[f"{name}.weight"]
+                full = [_recover(p[f"{name}.up.weight"], p[f"{name}.down.weight"], kernel.shape) for _, p in replies]
+                kernel.copy_(weighted_mean(full, weights))
+            for key in self.others:
+                self.state[key].copy_(weighted_mean([p[_wrapped_name(key, self.ranks)] for _, p in replies], weights))
+        return {"clients": len(replies), "train_loss": mean_train_loss(replies, weights)}
+
+    def global_model_state(self) -> dict[str, torch.Tensor]:
+        return self.state
+
+
+def _wrapped_name(plain: str, ranks: dict[str, int]) -> str:
+    layer, _, leaf = plain.rpartition(".")
+    return f"{layer}.base_layer.{leaf}" if layer in ranks else plain
+
+
+def _recover(up: torch.Tensor, down: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """up @ down back to the kernel's shape: (out, r[,1,1]) x (r, in[,kh,kw]) -> (out, in[,kh,kw])."""
+    return (up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)).reshape(shape)
+
+
+class FedHmClient(ClientHalf):
+    def __init__(self, wrapped: nn.Module):
+        self.model = wrapped
+        self.trained = {n: p for n, p in wrapped.named_parameters() if p.requires_grad}
+        self.trained.update({n: b for n, b in wrapped.named_buffers() if b.is_floating_point()})
+
+    def fit(self, payload: Payload, ctx: ClientContext) -> Payload:
+        with torch.no_grad():
+            for name, value in self.trained.items():
+                value.copy_(payload[name])
+        model = self.model
+        model.train()
+        stats = ctx.trainer.run(
+            [p for p in model.parameters() if p.requires_grad],
+            lambda x, y: F.cross_entropy(model(x), y),
+            ctx.data,
+            rnd=ctx.round,
+            seed=ctx.seed,
+        )
+        up: Payload = {"@num_samples": ctx.data.num_samples, "@train_loss": stats.mean_loss}
+        up.update({n: v.detach().clone() for n, v in self.trained.items()})
+        return up
+
+
+@register
+class FedHM(Algorithm):
+    name = "fedhm"
+    Options = FedHmOptions
+
+    def make_server(self, model: nn.Module, ctx: RunContext) -> ServerHalf:
+        return FedHmServer(model, factor_ranks(model, self.options))
+
+    def make_client(self, model: nn.Module, ctx: RunContext) -> ClientHalf:
+        return FedHmClient(_factorised_model(model, factor_ranks(model, self.options)))

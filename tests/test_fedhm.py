@@ -1,0 +1,71 @@
+"""FedHM: SVD factorisation on the server, recovery and averaging of full weights."""
+
+import torch
+from torch import nn
+
+from rankfed.algorithms import get_algorithm
+from rankfed.algorithms.base import RunContext
+from rankfed.algorithms.fedhm import factor_ranks, svd_factors
+from rankfed.config import ClientConfig
+from rankfed.data import ClientData
+from rankfed.sim.simulator import Simulator
+from rankfed.wire import encoded_size
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(2, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16, 3))
+
+
+def _sim(opts, per_round=3):
+    g = torch.Generator().manual_seed(0)
+    clients = []
+    for n in (10, 20, 30):
+        x = torch.randn(n, 2, 8, 8, generator=g)
+        clients.append(ClientData(x=x, y=torch.randint(0, 3, (n,), generator=g), val_x=x[:0], val_y=torch.zeros(0, dtype=torch.long)))
+    test = (torch.randn(20, 2, 8, 8, generator=g), torch.randint(0, 3, (20,), generator=g))
+    ctx = RunContext(num_clients=3, rounds=2, seed=0, client=ClientConfig(lr=0.05, batch_size=8))
+    return Simulator(get_algorithm("fedhm", opts), _model(), clients, test, ctx, clients_per_round=per_round), clients
+
+
+def test_factorise_then_recover_at_full_rank_is_the_identity():
+    for w in (_model()[0].weight.detach(), _model()[2].weight.detach(), torch.randn(5, 7)):
+        full = min(w.shape[0], w[0].numel())
+        down, up = svd_factors(w, full)
+        recovered = (up.reshape(up.shape[0], -1) @ down.reshape(full, -1)).reshape(w.shape)
+        torch.testing.assert_close(recovered, w, rtol=1e-5, atol=1e-6)
+    # a lower rank is the best approximation of that rank (Eckart-Young): error = tail singular values
+    w = torch.randn(8, 18, dtype=torch.float64)
+    down, up = svd_factors(w, 3)
+    s = torch.linalg.svdvals(w)
+    assert torch.allclose(torch.linalg.matrix_norm(w - up @ down), s[3:].norm())
+
+
+def test_ranks_follow_rank_factor_and_patterns():
+    assert factor_ranks(_model(), get_algorithm("fedhm", {"rank_factor": 4, "patterns": ["0", "2"]}).options) == {"0": 2, "2": 2}
+    assert factor_ranks(_model(), get_algorithm("fedhm", {"rank_factor": 1, "patterns": ["*"]}).options) == {"0": 8, "2": 8, "5": 3}
+
+
+def test_server_averages_the_recovered_full_kernels():
+    sim, clients = _sim({"rank_factor": 2, "patterns": ["0", "2"]})
+    captured = {}
+    real = sim.server.aggregate
+
+    def spy(rnd, replies):
+        captured["replies"] = replies
+        return real(rnd, replies)
+
+    sim.server.aggregate = spy
+    rec = sim.run_round(1)
+    replies = captured["replies"]
+    sizes = torch.tensor([float(p["@num_samples"]) for _, p in replies])
+    for name in ("0", "2"):
+        kernels = [(p[f"{name}.up.weight"].reshape(8, -1) @ p[f"{name}.down.weight"].reshape(4, -1)).reshape(sim.server.state[f"{name}.weight"].shape) for _, p in replies]
+        expect = sum(k * n for k, n in zip(kernels, sizes)) / sizes.sum()
+        torch.testing.assert_close(sim.server.state[f"{name}.weight"], expect, rtol=1e-5, atol=1e-6)
+        assert torch.linalg.matrix_rank(expect.reshape(8, -1)) > 4  # averaging rank-4 kernels raises the rank
+    # the wire carries the factors (rank 4) and the unfactorised tensors, not the kernels
+    payload = sim.server.configure(2, [0])[0]
+    assert payload["0.up.weight"].shape == (8, 4, 1, 1) and payload["2.down.weight"].shape == (4, 8, 3, 3)
+    assert "0.weight" not in payload and "0.base_layer.bias" in payload and "5.weight" in payload
+    assert rec.downlink_bytes_per_client[0] == encoded_size({**payload, "@round": 1})
