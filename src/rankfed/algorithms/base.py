@@ -37,11 +37,12 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from rankfed.config import ClientConfig, from_mapping
 from rankfed.data import ClientData
-from rankfed.sim.trainer import LocalTrainer
+from rankfed.sim.trainer import LocalTrainer, TrainStats
 from rankfed.wire import Payload
 
 __all__ = [
@@ -55,6 +56,7 @@ __all__ = [
     "register",
     "client_seed",
     "float_state",
+    "train_cross_entropy",
 ]
 
 
@@ -102,6 +104,16 @@ class ClientContext:
 def client_seed(seed: int, rnd: int, client_id: int) -> int:
     """Derive an independent 63-bit seed from (run seed, round, client)."""
     return int(np.random.SeedSequence([seed, rnd, client_id, 0x5EED]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def train_cross_entropy(model: nn.Module, ctx: ClientContext, params: list[torch.Tensor] | None = None, **hooks) -> TrainStats:
+    """A client's local work: minimise cross-entropy of ``model`` on ``ctx.data`` over ``params``
+    (default: every parameter that requires grad) for the round's epochs or steps.
+    ``hooks`` (``after_backward``, ``after_step``) pass through to :meth:`LocalTrainer.run`."""
+    model.train()
+    if params is None:
+        params = [p for p in model.parameters() if p.requires_grad]
+    return ctx.trainer.run(params, lambda x, y: F.cross_entropy(model(x), y), ctx.data, rnd=ctx.round, seed=ctx.seed, **hooks)
 
 
 def float_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -17,7 +17,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rankfed.algorithms.aggregate import add_present_, apply_mean_update, mean_train_loss, sample_weights
@@ -30,6 +29,7 @@ from rankfed.algorithms.base import (
     ServerHalf,
     float_state,
     register,
+    train_cross_entropy,
 )
 from rankfed.wire import Payload
 
@@ -94,14 +94,7 @@ class FedAvgClient(ClientHalf):
         model = ctx.model
         start = ctx.replica if ctx.replica is not None else payload
         load_weights(model, start)
-        model.train()
-        stats = ctx.trainer.run(
-            model.parameters(),
-            lambda x, y: F.cross_entropy(model(x), y),
-            ctx.data,
-            rnd=ctx.round,
-            seed=ctx.seed,
-        )
+        stats = train_cross_entropy(model, ctx, list(model.parameters()))
         with torch.no_grad():
             delta = {name: value - start[name].to(value.device) for name, value in float_state(model).items()}
         up: Payload = {"@num_samples": ctx.data.num_samples, "@train_loss": stats.mean_loss}

@@ -23,11 +23,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rankfed.algorithms.aggregate import mean_train_loss, sample_weights, weighted_mean
-from rankfed.algorithms.base import Algorithm, ClientContext, ClientHalf, RunContext, ServerHalf, register
+from rankfed.algorithms.base import Algorithm, ClientContext, ClientHalf, RunContext, ServerHalf, register, train_cross_entropy
 from rankfed.config import ConfigError
 from rankfed.lowrank import apply_lora, lora_layers, max_rank
 from rankfed.wire import Payload
@@ -141,14 +140,7 @@ class FedHmClient(ClientHalf):
             for name, value in self.trained.items():
                 value.copy_(payload[name])
         model = self.model
-        model.train()
-        stats = ctx.trainer.run(
-            [p for p in model.parameters() if p.requires_grad],
-            lambda x, y: F.cross_entropy(model(x), y),
-            ctx.data,
-            rnd=ctx.round,
-            seed=ctx.seed,
-        )
+        stats = train_cross_entropy(model, ctx)
         up: Payload = {"@num_samples": ctx.data.num_samples, "@train_loss": stats.mean_loss}
         up.update({n: v.detach().clone() for n, v in self.trained.items()})
         return up

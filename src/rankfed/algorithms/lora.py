@@ -33,10 +33,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from rankfed.algorithms.base import Algorithm, ClientContext, ClientHalf, RunContext, ServerHalf, register
+from rankfed.algorithms.base import Algorithm, ClientContext, ClientHalf, RunContext, ServerHalf, register, train_cross_entropy
 from rankfed.algorithms.compression import CompressionOptions, UplinkCodec
 from rankfed.algorithms.aggregate import add_present_, apply_mean_update, mean_train_loss, sample_weights
 from rankfed.config import ConfigError
@@ -207,14 +206,7 @@ class LoraClient(ClientHalf):
         start = ctx.replica if ctx.replica is not None else payload
         self._load(start)
         model = self.model
-        model.train()
-        stats = ctx.trainer.run(
-            [p for p in model.parameters() if p.requires_grad],
-            lambda x, y: F.cross_entropy(model(x), y),
-            ctx.data,
-            rnd=ctx.round,
-            seed=ctx.seed,
-        )
+        stats = train_cross_entropy(model, ctx)
         with torch.no_grad():
             delta = {n: v.detach() - start[n].to(v.device) for n, v in self.shared.items()}
         up: Payload = {"@num_samples": ctx.data.num_samples, "@train_loss": stats.mean_loss}

@@ -35,10 +35,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from rankfed.algorithms.base import Algorithm, ClientContext, ClientHalf, RunContext, ServerHalf, register
+from rankfed.algorithms.base import Algorithm, ClientContext, ClientHalf, RunContext, ServerHalf, register, train_cross_entropy
 from rankfed.algorithms.compression import CompressionOptions, UplinkCodec
 from rankfed.algorithms.aggregate import add_present_, apply_mean_update, mean_train_loss, sample_weights, weighted_mean
 from rankfed.config import ConfigError
@@ -204,16 +203,7 @@ class MapaClient(ClientHalf):
                 geo.layout.add_([p.data for p in params], expand(a, b - b_applied, geo.d))
                 b_applied.copy_(b)
 
-        model.train()
-        stats = ctx.trainer.run(
-            [b],
-            lambda x, y: F.cross_entropy(model(x), y),
-            ctx.data,
-            rnd=ctx.round,
-            seed=ctx.seed,
-            after_backward=after_backward,
-            after_step=after_step,
-        )
+        stats = train_cross_entropy(model, ctx, [b], after_backward=after_backward, after_step=after_step)
         for p in params:
             p.grad = None
         tensors = {"B": b.detach().clone()}
