@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("compare", help="run the same task with several algorithms and tabulate")
     common(sp)
     sp.add_argument("--algorithms", required=True, help="comma-separated algorithm names or [algorithms.<label>] variants, e.g. fedavg,mapa")
-    sp = sub.add_parser("demo", help="the embedded demo: five algorithms on digits, no download, about 20 s")
+    sp = sub.add_parser("demo", help="the embedded demo: six algorithms on digits, no download, about 15 s")
     common(sp, config=False)
     sp = sub.add_parser("plot", help="plot run folders: accuracy vs round and vs cumulative bytes")
     sp.add_argument("runs", nargs="+", help="run folders, or a compare folder")
