@@ -55,6 +55,7 @@ __all__ = [
     "CLIENT_KINDS",
     "register",
     "client_seed",
+    "client_uplink",
     "float_state",
     "train_cross_entropy",
 ]
@@ -114,6 +115,12 @@ def train_cross_entropy(model: nn.Module, ctx: ClientContext, params: list[torch
     if params is None:
         params = [p for p in model.parameters() if p.requires_grad]
     return ctx.trainer.run(params, lambda x, y: F.cross_entropy(model(x), y), ctx.data, rnd=ctx.round, seed=ctx.seed, **hooks)
+
+
+def client_uplink(ctx: ClientContext, stats: TrainStats, tensors: dict) -> Payload:
+    """An uplink: the metadata every server half reads (``@num_samples``, the aggregation
+    weight; ``@train_loss``) followed by the algorithm's own entries."""
+    return {"@num_samples": ctx.data.num_samples, "@train_loss": stats.mean_loss, **tensors}
 
 
 def float_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -27,6 +27,7 @@ from rankfed.algorithms.base import (
     ClientHalf,
     RunContext,
     ServerHalf,
+    client_uplink,
     float_state,
     register,
     train_cross_entropy,
@@ -97,9 +98,7 @@ class FedAvgClient(ClientHalf):
         stats = train_cross_entropy(model, ctx, list(model.parameters()))
         with torch.no_grad():
             delta = {name: value - start[name].to(value.device) for name, value in float_state(model).items()}
-        up: Payload = {"@num_samples": ctx.data.num_samples, "@train_loss": stats.mean_loss}
-        up.update(self.codec.encode(delta, ctx.state, ctx.seed))
-        return up
+        return client_uplink(ctx, stats, self.codec.encode(delta, ctx.state, ctx.seed))
 
 
 @register

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from rankfed.algorithms.aggregate import mean_train_loss, sample_weights, weighted_mean
-from rankfed.algorithms.base import Algorithm, ClientContext, ClientHalf, RunContext, ServerHalf, register, train_cross_entropy
+from rankfed.algorithms.base import Algorithm, ClientContext, ClientHalf, RunContext, ServerHalf, client_uplink, register, train_cross_entropy
 from rankfed.config import ConfigError
 from rankfed.lowrank import apply_lora, lora_layers, max_rank
 from rankfed.wire import Payload
@@ -141,9 +141,7 @@ class FedHmClient(ClientHalf):
                 value.copy_(payload[name])
         model = self.model
         stats = train_cross_entropy(model, ctx)
-        up: Payload = {"@num_samples": ctx.data.num_samples, "@train_loss": stats.mean_loss}
-        up.update({n: v.detach().clone() for n, v in self.trained.items()})
-        return up
+        return client_uplink(ctx, stats, {n: v.detach().clone() for n, v in self.trained.items()})
 
 
 @register

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rankfed.algorithms.base import Algorithm, ClientContext, ClientHalf, RunContext, ServerHalf, register, train_cross_entropy
+from rankfed.algorithms.base import Algorithm, ClientContext, ClientHalf, RunContext, ServerHalf, client_uplink, register, train_cross_entropy
 from rankfed.algorithms.compression import CompressionOptions, UplinkCodec
 from rankfed.algorithms.aggregate import add_present_, apply_mean_update, mean_train_loss, sample_weights
 from rankfed.config import ConfigError
@@ -209,9 +209,7 @@ class LoraClient(ClientHalf):
         stats = train_cross_entropy(model, ctx)
         with torch.no_grad():
             delta = {n: v.detach() - start[n].to(v.device) for n, v in self.shared.items()}
-        up: Payload = {"@num_samples": ctx.data.num_samples, "@train_loss": stats.mean_loss}
-        up.update(self.codec.encode(delta, ctx.state, ctx.seed))
-        return up
+        return client_uplink(ctx, stats, self.codec.encode(delta, ctx.state, ctx.seed))
 
 
 class _LoraFamily(Algorithm):

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rankfed.algorithms.base import Algorithm, ClientContext, ClientHalf, RunContext, ServerHalf, register, train_cross_entropy
+from rankfed.algorithms.base import Algorithm, ClientContext, ClientHalf, RunContext, ServerHalf, client_uplink, register, train_cross_entropy
 from rankfed.algorithms.compression import CompressionOptions, UplinkCodec
 from rankfed.algorithms.aggregate import add_present_, apply_mean_update, mean_train_loss, sample_weights, weighted_mean
 from rankfed.config import ConfigError
@@ -210,9 +210,7 @@ class MapaClient(ClientHalf):
         with torch.no_grad():
             for name, buf in _float_buffers(model).items():
                 tensors[name] = buf - start[name].to(buf.device)
-        up: Payload = {"@num_samples": ctx.data.num_samples, "@train_loss": stats.mean_loss}
-        up.update(self.codec.encode(tensors, ctx.state, ctx.seed))
-        return up
+        return client_uplink(ctx, stats, self.codec.encode(tensors, ctx.state, ctx.seed))
 
 
 @register
