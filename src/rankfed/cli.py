@@ -107,35 +107,38 @@ def comparison_rows(summaries: dict[str, dict]) -> list[dict]:
     return rows
 
 
+_COLUMNS = ("algorithm", "best acc", "at round", "final acc", "uplink MB", "downlink MB", "uplink vs FedAvg", "total vs FedAvg", "time s")
+
+
+def _cells(r: dict) -> list[str]:
+    """One comparison row's cells, in _COLUMNS order (shared by the terminal and markdown tables)."""
+    pct = lambda v: "-" if v is None else f"{100 * v:.2f}%"  # noqa: E731
+    return [
+        r["algorithm"],
+        pct(r["best_accuracy"]),
+        str(r["best_round"]),
+        pct(r["final_accuracy"]),
+        f"{r['uplink_MB']:.3f}",
+        f"{r['downlink_MB']:.3f}",
+        pct(r["uplink_vs_fedavg"]),
+        pct(r["total_vs_fedavg"]),
+        f"{r['wall_s']:.1f}",
+    ]
+
+
 def comparison_table(rows: list[dict], title: str) -> Table:
     t = Table(title=title)
-    for col in ("algorithm", "best acc", "at round", "final acc", "uplink MB", "downlink MB", "uplink vs FedAvg", "total vs FedAvg", "time s"):
+    for col in _COLUMNS:
         t.add_column(col, justify="left" if col == "algorithm" else "right")
-    pct = lambda v: "-" if v is None else f"{100 * v:.2f}%"  # noqa: E731
     for r in rows:
-        t.add_row(
-            r["algorithm"],
-            pct(r["best_accuracy"]),
-            str(r["best_round"]),
-            pct(r["final_accuracy"]),
-            f"{r['uplink_MB']:.3f}",
-            f"{r['downlink_MB']:.3f}",
-            pct(r["uplink_vs_fedavg"]),
-            pct(r["total_vs_fedavg"]),
-            f"{r['wall_s']:.1f}",
-        )
+        t.add_row(*_cells(r))
     return t
 
 
 def _markdown(rows: list[dict]) -> str:
-    head = "| algorithm | best acc | at round | final acc | uplink MB | downlink MB | uplink vs FedAvg | total vs FedAvg |\n|---|---|---|---|---|---|---|---|\n"
-    pct = lambda v: "-" if v is None else f"{100 * v:.2f}%"  # noqa: E731
-    body = "".join(
-        f"| {r['algorithm']} | {pct(r['best_accuracy'])} | {r['best_round']} | {pct(r['final_accuracy'])} | "
-        f"{r['uplink_MB']:.3f} | {r['downlink_MB']:.3f} | {pct(r['uplink_vs_fedavg'])} | {pct(r['total_vs_fedavg'])} |\n"
-        for r in rows
-    )
-    return head + body
+    lines = ["| " + " | ".join(_COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
+    lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
 
 
 def _compare(cfg: ExperimentConfig, algorithms: list[str], out: Path, console: Console, quiet: bool, overwrite: bool, title: str) -> list[dict]:
