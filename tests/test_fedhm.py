@@ -44,6 +44,8 @@ def test_factorise_then_recover_at_full_rank_is_the_identity():
 def test_ranks_follow_rank_factor_and_patterns():
     assert factor_ranks(_model(), get_algorithm("fedhm", {"rank_factor": 4, "patterns": ["0", "2"]}).options) == {"0": 2, "2": 2}
     assert factor_ranks(_model(), get_algorithm("fedhm", {"rank_factor": 1, "patterns": ["*"]}).options) == {"0": 8, "2": 8, "5": 3}
+    # a fixed rank for every layer, capped at each layer's full rank (the Linear "5" has 3 outputs)
+    assert factor_ranks(_model(), get_algorithm("fedhm", {"rank": 5, "patterns": ["*"]}).options) == {"0": 5, "2": 5, "5": 3}
 
 
 def test_server_averages_the_recovered_full_kernels():

@@ -387,19 +387,32 @@ def test_apply_lora_without_match_names_patterns():
     assert not lora_layers(model)
 
 
-@pytest.mark.parametrize("rank", [0, -1, 9])
+@pytest.mark.parametrize("rank", [0, -1])
 def test_apply_lora_bad_rank_names_value_and_layer(rank):
     model = build("cnn2")
-    # conv1 is 1->8 with a 5x5 kernel: max rank min(1*5*5, 8) = 8; conv2 allows 16.
     with pytest.raises(ValueError, match=rf"'conv1'.*got {rank}$"):
         apply_lora(model, rank, 8.0, patterns=("*conv*",))
     assert not lora_layers(model)  # checked before anything was replaced
 
 
-def test_apply_lora_linear_rank_bound_and_no_rewrap():
+def test_rank_above_full_rank_is_allowed_and_merges_exactly():
+    # conv1 of cnn2 is 1->8 with a 5x5 kernel: full rank min(1*5*5, 8) = 8. A rank-12 pair
+    # (as the FedLoRU paper's ResNet-18 at rank 128 has on its 64-channel layers) is legal.
+    torch.manual_seed(0)
     model = build("cnn2")
-    with pytest.raises(ValueError, match=r"'fc'.*min\(in, out\) = 10.*got 11"):
-        apply_lora(model, 11, 8.0, patterns=("fc",))
+    apply_lora(model, 12, 8.0, patterns=("conv1",), generator=torch.Generator().manual_seed(1))
+    layer = model.conv1
+    assert tuple(layer.down.weight.shape) == (12, 1, 5, 5) and tuple(layer.up.weight.shape) == (8, 12, 1, 1)
+    with torch.no_grad():
+        layer.up.weight.normal_()
+    x = torch.randn(4, 1, 28, 28)
+    before = model(x)
+    merge_all(model, reinit="random", generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
+
+
+def test_apply_lora_no_rewrap():
+    model = build("cnn2")
     assert apply_lora(model, 4, 8.0, patterns=("*",), exclude=("fc",)) == ["conv1", "conv2"]
     # A second call never wraps a wrapper's own base_layer / down / up.
     assert apply_lora(model, 4, 8.0, patterns=("*",)) == ["fc"]

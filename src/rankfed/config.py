@@ -65,6 +65,7 @@ class TaskConfig:
     alpha: float = 0.5  # Dirichlet concentration (partition = "dirichlet")
     classes_per_client: int = 2  # partition = "shards"
     holdout: float = 0.1  # fraction of each client's data kept as its own held-out split
+    train_samples: int = 0  # > 0: a seeded random subset of this many training samples (0 = all)
     model: str = ""  # "" = the dataset's reference model
     dataset_options: dict = field(default_factory=dict)
     model_options: dict = field(default_factory=dict)
@@ -80,6 +81,8 @@ class TaskConfig:
             raise _bad("task.classes_per_client", self.classes_per_client, "must be >= 1")
         if not 0 <= self.holdout < 1:
             raise _bad("task.holdout", self.holdout, "must be in [0, 1)")
+        if self.train_samples < 0:
+            raise _bad("task.train_samples", self.train_samples, "must be >= 0 (0 = all)")
         if self.model:
             from rankfed.models import MODELS
 

@@ -12,6 +12,7 @@ A run folder holds:
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import os
@@ -21,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import rankfed
@@ -97,6 +99,23 @@ def load_task_data(cfg: ExperimentConfig) -> Dataset:
     return load_dataset(task.dataset, task.data_dir or None, seed=fed.seed, **opts)
 
 
+def subsample_train(ds: Dataset, n: int, *, seed: int) -> Dataset:
+    """The dataset with a seeded random ``n`` of its training samples (test split untouched)."""
+    total = len(ds.train_y)
+    if n > total:
+        raise ConfigError(f"task.train_samples = {n}: the {ds.name} training split has only {total} samples")
+    if n == total:
+        return ds
+    idx = np.sort(np.random.default_rng([seed, 0x5AB5]).choice(total, size=n, replace=False))
+    t = torch.from_numpy(idx)
+    return dataclasses.replace(
+        ds,
+        train_x=ds.train_x[t],
+        train_y=ds.train_y[t],
+        groups=None if ds.groups is None else ds.groups[idx],
+    )
+
+
 def build_experiment(cfg: ExperimentConfig, dataset: Dataset | None = None) -> Experiment:
     """Load and split the data, build the seeded model and the algorithm.
 
@@ -104,6 +123,8 @@ def build_experiment(cfg: ExperimentConfig, dataset: Dataset | None = None) -> E
     """
     task, fed = cfg.task, cfg.federation
     ds = dataset if dataset is not None else load_task_data(cfg)
+    if task.train_samples:
+        ds = subsample_train(ds, task.train_samples, seed=fed.seed)
     n_train = len(ds.train_y)
     if fed.clients > n_train:
         raise ConfigError(f"federation.clients = {fed.clients}: more clients than training samples ({n_train})")

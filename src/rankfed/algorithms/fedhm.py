@@ -2,7 +2,8 @@
 
 Each round the server takes every selected convolution's kernel W (out, in, kh, kw),
 reshapes it to (out, in*kh*kw) as the FedHM code does, and keeps the top-r
-singular triplets, r = max(1, out // rank_factor):
+singular triplets, r = max(1, out // rank_factor) (or one fixed ``rank`` for every layer,
+as the FedLoRU paper's Table 1 compares them at equal rank), capped at the layer's full rank:
 
     W ~ U_r S_r V_r^T = up @ down,  up = U_r S_r^(1/2) (out, r) -> a 1x1 conv (out, r, 1, 1)
                                     down = S_r^(1/2) V_r^T (r, in*kh*kw) -> a conv (r, in, kh, kw)
@@ -37,12 +38,15 @@ __all__ = ["FedHM", "FedHmOptions", "svd_factors", "factor_ranks"]
 @dataclass
 class FedHmOptions:
     rank_factor: int = 4  # rank of each factorised layer = max(1, out_channels // rank_factor)
+    rank: int = 0  # > 0: this rank for every factorised layer instead (capped at the layer's full rank)
     patterns: list = field(default_factory=lambda: ["*conv*"])  # module-name globs, as in fedloru
-    exclude: list = field(default_factory=list)
+    exclude: list = field(default_factory=lambda: ["conv1"])  # the stem stays full-rank, as in the FedHM code
 
     def __post_init__(self) -> None:
         if self.rank_factor < 1:
             raise ConfigError(f"algorithm.rank_factor = {self.rank_factor}: must be >= 1")
+        if self.rank < 0:
+            raise ConfigError(f"algorithm.rank = {self.rank}: must be >= 0 (0 = out_channels // rank_factor)")
         if not self.patterns or not all(isinstance(p, str) for p in self.patterns):
             raise ConfigError(f"algorithm.patterns = {self.patterns!r}: must be a non-empty list of strings")
 
@@ -62,14 +66,15 @@ def svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Te
 
 
 def factor_ranks(model: nn.Module, opts: FedHmOptions) -> dict[str, int]:
-    """The rank of every layer FedHM factorises (out // rank_factor, within the layer's limits)."""
+    """The rank of every layer FedHM factorises (``rank``, or out // rank_factor; at most full rank)."""
     ranks = {}
     for name, module in model.named_modules():
         if not isinstance(module, (nn.Conv2d, nn.Linear)):
             continue
         if any(fnmatch.fnmatchcase(name, p) for p in opts.patterns) and not any(fnmatch.fnmatchcase(name, p) for p in opts.exclude):
             out = module.out_channels if isinstance(module, nn.Conv2d) else module.out_features
-            ranks[name] = max(1, min(out // opts.rank_factor, max_rank(module)))
+            wanted = opts.rank or out // opts.rank_factor
+            ranks[name] = max(1, min(wanted, max_rank(module)))
     if not ranks:
         raise ConfigError(f"algorithm.patterns = {opts.patterns}: no Conv2d/Linear layer of the model matches")
     return ranks

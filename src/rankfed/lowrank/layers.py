@@ -134,13 +134,11 @@ def _check_wrappable(layer: nn.Module, rank: object, name: str) -> None:
         )
     if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
         raise ValueError(f"rank must be an int, got {rank!r} for layer {name!r}")
-    bound = max_rank(layer)
-    if not 1 <= rank <= bound:
-        kind = "min(in*kh*kw, out)" if isinstance(layer, nn.Conv2d) else "min(in, out)"
-        raise ValueError(
-            f"rank must be in [1, {bound}] for layer {name!r} ({_describe(layer)}, "
-            f"{kind} = {bound}), got {rank}"
-        )
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1 for layer {name!r} ({_describe(layer)}), got {rank}")
+    # A rank above max_rank(layer) is allowed, as in PEFT and the FedLoRU code: the pair then
+    # spans at most max_rank(layer) and has more entries than the weight (the paper's ResNet-18
+    # at rank 128 has 64-channel layers).
 
 
 def _check_alpha(alpha: object) -> float:
@@ -419,8 +417,10 @@ def apply_lora(
 
     Args:
         model: the model to modify.
-        rank: rank of every factor pair, ``1 <= rank <= max_rank(layer)``
-            (``min(in, out)`` for Linear, ``min(in * kh * kw, out)`` for Conv2d).
+        rank: rank of every factor pair, ``>= 1``. A rank above a layer's
+            :func:`max_rank` (``min(in, out)`` for Linear, ``min(in * kh * kw,
+            out)`` for Conv2d) is allowed: the pair then spans at most the
+            full rank.
         alpha: scale; the update is multiplied by ``alpha / rank``.
         patterns, exclude: fnmatch patterns (a single string is one pattern).
         freeze_down: freeze ``down`` at its random init (FA-LoRA).
