@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from rankfed.config import ConfigError, apply_overrides, load_config, parse_config, to_toml
 from rankfed.config import tomllib
@@ -159,3 +160,26 @@ def test_shipped_experiment_files_build_every_variant(path):
         variant = cfg if label is None else cfg.with_algorithm(label)
         exp = build_experiment(variant, dataset=ds)
         exp.simulator()  # builds the server half and the client half on the model
+
+
+def test_train_samples_takes_a_seeded_subset_of_the_training_split():
+    from rankfed.runner import build_experiment, load_task_data
+
+    base = {"task": {"dataset": "digits", "holdout": 0.0}, "federation": {"clients": 5}}
+    full = load_task_data(parse_config(base))
+    cfg = parse_config({**base, "task": {**base["task"], "train_samples": 300}})
+    exp = build_experiment(cfg)
+    assert sum(len(c.y) for c in exp.clients) == 300
+    assert torch.equal(exp.dataset.test_y, full.test_y)  # the test split is untouched
+    # every kept sample is a training sample, and the same seed keeps the same ones
+    rows = {tuple(x.flatten().tolist()) for x in full.train_x}
+    kept = torch.cat([c.x for c in exp.clients])
+    assert all(tuple(x.flatten().tolist()) in rows for x in kept)
+    again = torch.cat([c.x for c in build_experiment(cfg).clients])
+    assert torch.equal(kept, again)
+    other = parse_config({"task": {**base["task"], "train_samples": 300}, "federation": {"clients": 5, "seed": 1}})
+    assert not torch.equal(torch.cat([c.x for c in build_experiment(other).clients]).sort(0).values, kept.sort(0).values)
+    with pytest.raises(ConfigError, match=r"task.train_samples = 99999: .*only 1"):
+        build_experiment(parse_config({**base, "task": {**base["task"], "train_samples": 99999}}))
+    with pytest.raises(ConfigError, match=r"task.train_samples = -1"):
+        parse_config({"task": {"train_samples": -1}})
