@@ -166,6 +166,7 @@ def test_demo_prints_a_comparison_table(tmp_path, capsys):
         ["algorithm.name=fedlora", "algorithm.rank=4", 'algorithm.patterns=["*"]'],
         ["algorithm.name=fedloru", "algorithm.rank=4", "algorithm.tau=1", 'algorithm.patterns=["*"]'],
         ["algorithm.name=fedhm", "algorithm.rank_factor=4", 'algorithm.patterns=["*"]'],
+        ["algorithm.name=pfedloru", "algorithm.rank=4", "algorithm.tau=1", "algorithm.personal_rank=2", 'algorithm.patterns=["*"]'],
         ["algorithm.compressor=topk", "algorithm.topk_ratio=0.05", "algorithm.error_feedback=true"],
         ["algorithm.compressor=qsgd"],
         ["algorithm.compressor=topk+qsgd", "federation.client_kind=stateful"],
@@ -186,3 +187,16 @@ def test_run_accepts_every_algorithm_and_compressor(config, tmp_path, sets):
     assert "client_kind" in summary and summary["total_uplink_bytes"] > 0
     assert summary["uplink_vs_fedavg"] < 0.5  # each of these sends under half of FedAvg's uplink
     assert "[algorithm]" in resolved
+
+
+@pytest.mark.parametrize("variant", [1, 2])
+def test_run_accepts_pfedlora_and_reports_personal_accuracy(config, tmp_path, variant):
+    out = tmp_path / "r"
+    sets = ["federation.rounds=2", "algorithm.name=pfedlora", f"algorithm.variant={variant}", "algorithm.rank=2", 'algorithm.patterns=["*"]']
+    assert main(["-q", "run", str(config), "--out", str(out), *[a for s in sets for a in ("--set", s)]]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["algorithm_options"]["variant"] == variant
+    assert 0 <= summary["final_personal_accuracy"] <= 1
+    assert summary["uplink_vs_fedavg"] > 0.9  # pFedLoRA shares the full model
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(l["personal_accuracy"] is not None for l in lines)

@@ -201,6 +201,11 @@ def summarize(exp: Experiment, history: list[RoundRecord], wall_s: float, comman
     fedavg_upload = encoded_size({"@num_samples": 0, "@train_loss": 0.0, **float_state(exp.model)})
     total_up = history[-1].cum_uplink_bytes if history else 0
     total_down = history[-1].cum_downlink_bytes if history else 0
+    personal = [r for r in evaluated if r.personal_accuracy is not None]
+    extra = {}
+    if personal:  # personalised algorithms: each client's model on its own held-out split, averaged
+        best_p = max(personal, key=lambda r: r.personal_accuracy)
+        extra = {"best_personal_accuracy": best_p.personal_accuracy, "best_personal_round": best_p.round, "final_personal_accuracy": personal[-1].personal_accuracy}
     return {
         "algorithm": exp.algorithm.name,
         "algorithm_options": exp.algorithm.describe(),
@@ -218,6 +223,7 @@ def summarize(exp: Experiment, history: list[RoundRecord], wall_s: float, comman
         "best_round": best.round if best else None,
         "final_accuracy": last.accuracy if last else None,
         "final_loss": last.loss if last else None,
+        **extra,
         "total_uplink_bytes": total_up,
         "total_downlink_bytes": total_down,
         "uploads": uploads,

@@ -148,6 +148,21 @@ def _check_alpha(alpha: object) -> float:
     return float(alpha)
 
 
+@torch.no_grad()
+def _kaiming_down_zero_up(down: torch.Tensor, up: torch.Tensor, generator: torch.Generator | None) -> None:
+    """``down`` Kaiming-uniform (``a = sqrt(5)``), ``up`` zero: the pair adds nothing."""
+    # kaiming_uniform_(a=sqrt(5)): gain sqrt(2 / (1 + 5)), bound gain * sqrt(3 / fan_in)
+    # = 1 / sqrt(fan_in); the same draws as nn.init.kaiming_uniform_ from the same RNG.
+    fan_in = down[0].numel()
+    bound = 1.0 / math.sqrt(fan_in)
+    if generator is not None and generator.device != down.device:
+        draw = torch.empty(down.shape, dtype=down.dtype, device=generator.device)
+        down.copy_(draw.uniform_(-bound, bound, generator=generator))
+    else:
+        down.uniform_(-bound, bound, generator=generator)
+    up.zero_()
+
+
 class LoRALayer(nn.Module):
     """Base of the wrappers: ``base_layer(x) + scaling * up(down(x))``.
 
@@ -187,6 +202,9 @@ class LoRALayer(nn.Module):
         self.train_bias = train_bias
         self.merged = False
         self.accumulated = 0
+        self.p_down: nn.Module | None = None  # the personal pair, see add_personal
+        self.p_up: nn.Module | None = None
+        self.p_rank, self.p_alpha, self.p_scaling = 0, 0.0, 0.0
         # The exact tensor the last merge added, kept only while `merged` so that
         # unmerge subtracts precisely it. Non-persistent: moves with .to(), not saved.
         self.register_buffer("_merged_delta", None, persistent=False)
@@ -207,10 +225,37 @@ class LoRALayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
-        if self.merged:
-            # The delta is already inside base_layer.weight.
-            return out
-        return out + self.scaling * self.up(self.down(x))
+        if not self.merged:  # (merged: the delta is already inside base_layer.weight)
+            out = out + self.scaling * self.up(self.down(x))
+        if self.p_up is not None:
+            out = out + self.p_scaling * self.p_up(self.p_down(x))
+        return out
+
+    # -- a second, personal pair (pFedLoRU) ---------------------------------
+
+    def _new_pair(self, rank: int) -> tuple[nn.Module, nn.Module]:
+        """A fresh (down, up) pair of ``rank`` shaped like this wrapper's own."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def add_personal(self, rank: int, alpha: float, *, generator: torch.Generator | None = None) -> None:
+        """Add a second factor pair ``p_down`` / ``p_up`` (pFedLoRU's personal L, U):
+        forward adds ``(alpha / rank) * p_up(p_down(x))``. It starts at zero (``p_down``
+        Kaiming-uniform, ``p_up`` zero), trains, and never takes part in merges or in
+        :func:`dense_state_dict` (which gives the shared model only).
+
+        Raises:
+            RuntimeError: the layer already has a personal pair.
+            ValueError: a bad rank or alpha.
+        """
+        if self.p_up is not None:
+            raise RuntimeError("add_personal: the layer already has a personal pair")
+        _check_wrappable(self.base_layer, rank, "(personal)")
+        self.p_alpha = _check_alpha(alpha)
+        self.p_rank = int(rank)
+        self.p_scaling = self.p_alpha / self.p_rank
+        self.p_down, self.p_up = self._new_pair(self.p_rank)
+        _kaiming_down_zero_up(self.p_down.weight, self.p_up.weight, generator)
 
     # -- merge / unmerge / re-initialise -----------------------------------
 
@@ -271,17 +316,7 @@ class LoRALayer(nn.Module):
         self._merged_delta = None
         self.merged = False
         if mode == "random":
-            w = self.down.weight  # (r, in) or (r, in, kh, kw)
-            # kaiming_uniform_(a=sqrt(5)): gain sqrt(2 / (1 + 5)), bound gain * sqrt(3 / fan_in)
-            # = 1 / sqrt(fan_in); the same draws as nn.init.kaiming_uniform_ from the same RNG.
-            fan_in = w[0].numel()
-            bound = 1.0 / math.sqrt(fan_in)
-            if generator is not None and generator.device != w.device:
-                draw = torch.empty(w.shape, dtype=w.dtype, device=generator.device)
-                w.copy_(draw.uniform_(-bound, bound, generator=generator))
-            else:
-                w.uniform_(-bound, bound, generator=generator)
-            self.up.weight.zero_()
+            _kaiming_down_zero_up(self.down.weight, self.up.weight, generator)
 
     def merge_and_reinit(self, mode: InitMode, *, generator: torch.Generator | None = None) -> None:
         """One FedLoRU accumulation: :meth:`merge`, then :meth:`reset_factors` (``mode``)."""
@@ -318,11 +353,14 @@ class LoRALinear(LoRALayer):
             raise TypeError(f"LoRALinear wraps nn.Linear, got {type(base_layer).__name__}")
         _check_wrappable(base_layer, rank, "(unnamed)")
         super().__init__(base_layer, rank, alpha, freeze_down=freeze_down, train_bias=train_bias)
-        factory = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
-        # (B, *, in) -> (B, *, r) -> (B, *, out)
-        self.down = nn.Linear(base_layer.in_features, rank, bias=False, **factory)
-        self.up = nn.Linear(rank, base_layer.out_features, bias=False, **factory)
+        self.down, self.up = self._new_pair(rank)
         self._finish_init(generator)
+
+    def _new_pair(self, rank: int) -> tuple[nn.Linear, nn.Linear]:
+        base = self.base_layer
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        # (B, *, in) -> (B, *, r) -> (B, *, out)
+        return nn.Linear(base.in_features, rank, bias=False, **factory), nn.Linear(rank, base.out_features, bias=False, **factory)
 
     def delta_weight(self) -> torch.Tensor:
         # (out, r) @ (r, in) -> (out, in)
@@ -351,23 +389,27 @@ class LoRAConv2d(LoRALayer):
             raise TypeError(f"LoRAConv2d wraps nn.Conv2d, got {type(base_layer).__name__}")
         _check_wrappable(base_layer, rank, "(unnamed)")
         super().__init__(base_layer, rank, alpha, freeze_down=freeze_down, train_bias=train_bias)
-        factory = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
+        self.down, self.up = self._new_pair(rank)
+        self._finish_init(generator)
+
+    def _new_pair(self, rank: int) -> tuple[nn.Conv2d, nn.Conv2d]:
+        base = self.base_layer
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
         # (B, in, H, W) -> (B, r, H', W'): same geometry as the base, so the output grid matches.
-        self.down = nn.Conv2d(
-            base_layer.in_channels,
+        down = nn.Conv2d(
+            base.in_channels,
             rank,
-            kernel_size=base_layer.kernel_size,
-            stride=base_layer.stride,
-            padding=base_layer.padding,
-            dilation=base_layer.dilation,
+            kernel_size=base.kernel_size,
+            stride=base.stride,
+            padding=base.padding,
+            dilation=base.dilation,
             groups=1,
             bias=False,
-            padding_mode=base_layer.padding_mode,
+            padding_mode=base.padding_mode,
             **factory,
         )
         # (B, r, H', W') -> (B, out, H', W'): pure channel mixing.
-        self.up = nn.Conv2d(rank, base_layer.out_channels, kernel_size=1, bias=False, **factory)
-        self._finish_init(generator)
+        return down, nn.Conv2d(rank, base.out_channels, kernel_size=1, bias=False, **factory)
 
     def delta_weight(self) -> torch.Tensor:
         # up (out, r, 1, 1), down (r, in, kh, kw) -> (out, in, kh, kw)

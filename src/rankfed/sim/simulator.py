@@ -55,6 +55,8 @@ class RoundRecord:
     accuracy: float | None = None
     loss: float | None = None
     eval_s: float | None = None
+    # personalised algorithms: mean over clients of each one's accuracy on its own held-out split
+    personal_accuracy: float | None = None
 
     def metrics_line(self) -> dict:
         """The record as a metrics.jsonl line (per-client lists left out)."""
@@ -201,6 +203,8 @@ class Simulator:
         if rnd % self.eval_every == 0 or rnd == self.ctx.rounds:
             t1 = time.perf_counter()
             rec.accuracy, rec.loss = self.evaluate()
+            if getattr(self.client, "personalized", False):
+                rec.personal_accuracy = self.evaluate_personal(rnd)
             rec.eval_s = time.perf_counter() - t1
         rec.wall_s = time.perf_counter() - self._t_start
         self.history.append(rec)
@@ -210,6 +214,21 @@ class Simulator:
         """Accuracy and loss of the current global model on the test set."""
         self.eval_model.load_state_dict(self.server.global_model_state())
         return evaluate(self.eval_model, self.test_x, self.test_y, self.eval_batch_size)
+
+    def evaluate_personal(self, rnd: int) -> float | None:
+        """Mean over clients of each client's personalised accuracy on its own held-out split
+        (clients without one are left out; None if none has one). Evaluation downloads are
+        not counted: they measure, they are not part of training."""
+        payload = None
+        if self.client_kind == "stateless":
+            payload = decode(encode(next(iter(self.server.configure(rnd, [0]).values()))))
+        accs = []
+        for cid, data in enumerate(self.clients):
+            cctx = ClientContext(cid, rnd, self.worker, data, self.trainer, self.client_states.get(cid, {}), self.replica)
+            correct, n = self.client.evaluate_personal(payload, cctx)
+            if n:
+                accs.append(correct / n)
+        return sum(accs) / len(accs) if accs else None
 
     def run(self, on_round: Callable[[RoundRecord], None] | None = None, start_round: int = 1) -> list[RoundRecord]:
         for rnd in range(start_round, self.ctx.rounds + 1):

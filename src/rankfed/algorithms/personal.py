@@ -1,0 +1,228 @@
+"""pFedLoRU (FedLoRU paper, Algorithm 2) and pFedLoRA(1)/(2) (Algorithm 4): personal factors.
+
+Every client k keeps personal low-rank factors L^(k), U^(k) on the selected
+layers (the ``p_down`` / ``p_up`` pair of :meth:`LoRALayer.add_personal`, or
+the wrapper's own pair for pFedLoRA). They live in the client's private state
+between rounds, survive rounds in which the client is not sampled, and never
+appear in a payload. What is shared:
+
+* pFedLoRU: the global factors A, B (and the unfactorised layers), exactly as
+  FedLoRU, merged into every client's base every ``tau`` rounds. Local work:
+  ``personal_epochs`` epochs on L, U with A, B frozen (eq. 12), then the
+  round's ``[client]`` epochs on A, B with L, U frozen (eq. 13).
+* pFedLoRA(1): the full global model W. ``personal_epochs`` on L, U (eq. 38),
+  then the round's epochs on W (eq. 39).
+* pFedLoRA(2): W, L and U trained together for ``personal_epochs`` + the
+  round's epochs (eq. 40).
+
+A client's personalised model is W^(k) + alpha_per/r_per L U (plus, for
+pFedLoRU, the current global factors): the simulator evaluates it on every
+client's own held-out split (``personal_accuracy``, the mean over clients), the
+shared model on the test set as usual. A client's first personal factors are
+drawn from (run seed, client id): L Kaiming-uniform, U zero.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from rankfed.algorithms.base import Algorithm, ClientContext, ClientHalf, RunContext, ServerHalf, client_uplink, register, train_cross_entropy
+from rankfed.algorithms.compression import UplinkCodec
+from rankfed.algorithms.lora import FedLoruOptions, LoraClient, LoraOptions, LoraServer, build_lora_model
+from rankfed.config import ConfigError
+from rankfed.lowrank import lora_layers
+from rankfed.sim.trainer import LocalTrainer
+from rankfed.wire import Payload
+
+__all__ = ["PFedLoru", "PFedLora", "PFedLoruOptions", "PFedLoraOptions", "PersonalClient"]
+
+
+def _check_personal(opts) -> None:
+    if opts.personal_epochs < 0:
+        raise ConfigError(f"algorithm.personal_epochs = {opts.personal_epochs}: must be >= 0")
+
+
+@dataclass
+class PFedLoruOptions(FedLoruOptions):
+    personal_rank: int = 8  # rank of each client's personal pair L, U
+    personal_alpha: float = 0.0  # personal scale alpha_per / personal_rank; 0 = personal_rank
+    personal_epochs: int = 1  # E_per: epochs on L, U before the [client] epochs (E_global) on A, B
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.personal_rank < 1:
+            raise ConfigError(f"algorithm.personal_rank = {self.personal_rank}: must be >= 1")
+        if self.personal_alpha < 0:
+            raise ConfigError(f"algorithm.personal_alpha = {self.personal_alpha}: must be >= 0 (0 = personal_rank)")
+        _check_personal(self)
+
+
+@dataclass
+class PFedLoraOptions(LoraOptions):
+    """``rank``/``alpha`` are the personal pair's; the global model is trained in full."""
+
+    variant: int = 2  # 1: personal then global epochs; 2: both together (the paper's modified version)
+    personal_epochs: int = 1  # E_per (variant 2 trains E_per + E_global epochs on everything)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.variant not in (1, 2):
+            raise ConfigError(f"algorithm.variant = {self.variant!r}: must be 1 or 2")
+        _check_personal(self)
+
+
+def _personal_seed(run_seed: int, client_id: int) -> int:
+    return int(np.random.SeedSequence([run_seed, client_id, 0x50455253]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def _epochs_trainer(trainer: LocalTrainer, epochs: int) -> LocalTrainer:
+    return LocalTrainer(dataclasses.replace(trainer.cfg, local_epochs=epochs, local_steps=0), trainer.total_rounds, trainer.seed)
+
+
+class PersonalClient(LoraClient):
+    """A LoRA-family client with personal factors in its private state.
+
+    ``personal`` names the personal parameters (state-dict names, live tensors);
+    everything else trainable is shared. ``mode``: "alternate" (personal epochs,
+    then global epochs) or "joint" (everything together).
+    """
+
+    personalized = True
+
+    def __init__(self, wrapped: nn.Module, personal: dict[str, torch.Tensor], codec: UplinkCodec, run_seed: int, personal_epochs: int, mode: str, reinit: str = "random"):
+        self.personal = personal
+        for t in personal.values():
+            t.requires_grad_(False)  # so LoraClient counts them out of the shared state
+        super().__init__(wrapped, codec, reinit)
+        self.run_seed, self.personal_epochs, self.mode = run_seed, personal_epochs, mode
+
+    def _load_personal(self, ctx: ClientContext) -> None:
+        saved = ctx.state.get("personal")
+        with torch.no_grad():
+            if saved is None:
+                gen = torch.Generator().manual_seed(_personal_seed(self.run_seed, ctx.client_id))
+                for name, t in self.personal.items():  # (down, up) pairs in module order
+                    if name.endswith("up.weight"):
+                        t.zero_()
+                    else:
+                        fan_in = t[0].numel()
+                        t.copy_(torch.empty(t.shape).uniform_(-(fan_in**-0.5), fan_in**-0.5, generator=gen))
+            else:
+                for name, t in self.personal.items():
+                    t.copy_(saved[name])
+
+    def _save_personal(self, ctx: ClientContext) -> None:
+        ctx.state["personal"] = {n: t.detach().clone() for n, t in self.personal.items()}
+
+    def fit(self, payload: Payload, ctx: ClientContext) -> Payload:
+        start = ctx.replica if ctx.replica is not None else payload
+        self._load(start)
+        self._load_personal(ctx)
+        model = self.model
+        shared_params = [t for t in self.shared.values() if isinstance(t, nn.Parameter)]
+        personal_params = list(self.personal.values())
+        if self.mode == "joint":  # pFedLoRA(2): W, L, U together for E_per + E_global epochs
+            for t in personal_params:
+                t.requires_grad_(True)
+            epochs = ctx.trainer.cfg.local_epochs + self.personal_epochs
+            trainer = ctx.trainer if ctx.trainer.cfg.local_steps or not self.personal_epochs else _epochs_trainer(ctx.trainer, epochs)
+            stats = train_cross_entropy(model, dataclasses.replace(ctx, trainer=trainer), params=shared_params + personal_params)
+        else:
+            if self.personal_epochs:  # eq. (12) / (38): the personal pair, the shared part frozen
+                for t in personal_params:
+                    t.requires_grad_(True)
+                for t in shared_params:
+                    t.requires_grad_(False)
+                # Its own batch order: the id offset only changes the seed the context derives.
+                per_ctx = dataclasses.replace(ctx, trainer=_epochs_trainer(ctx.trainer, self.personal_epochs), client_id=ctx.client_id + (1 << 40))
+                train_cross_entropy(model, per_ctx, params=personal_params)
+                for t in shared_params:
+                    t.requires_grad_(True)
+            for t in personal_params:  # eq. (13) / (39): the shared part, the personal pair frozen
+                t.requires_grad_(False)
+            stats = train_cross_entropy(model, ctx, params=shared_params)
+        for t in personal_params:
+            t.requires_grad_(False)
+        self._save_personal(ctx)
+        with torch.no_grad():
+            delta = {n: v.detach() - start[n].to(v.device) for n, v in self.shared.items()}
+        return client_uplink(ctx, stats, self.codec.encode(delta, ctx.state, ctx.seed))
+
+    @torch.no_grad()
+    def evaluate_personal(self, payload: Payload, ctx: ClientContext) -> tuple[int, int]:
+        """(correct, count) of this client's personalised model on its held-out split."""
+        data = ctx.data
+        if data.val_y.numel() == 0:
+            return 0, 0
+        self._load(ctx.replica if ctx.replica is not None else payload)
+        self._load_personal(ctx)
+        self.model.eval()
+        correct = 0
+        for i in range(0, data.val_y.numel(), 1024):
+            correct += int((self.model(data.val_x[i : i + 1024]).argmax(1) == data.val_y[i : i + 1024]).sum())
+        return correct, int(data.val_y.numel())
+
+
+def _personal_pairs(wrapped: nn.Module, *, own_pair: bool) -> dict[str, torch.Tensor]:
+    """The personal parameters by state-dict name: each wrapper's p_down/p_up, or (pFedLoRA)
+    the wrapper's own down/up pair."""
+    out = {}
+    for name, layer in lora_layers(wrapped).items():
+        down, up = (layer.down, layer.up) if own_pair else (layer.p_down, layer.p_up)
+        prefix = f"{name}.{'' if own_pair else 'p_'}"
+        out[f"{prefix}down.weight"] = down.weight
+        out[f"{prefix}up.weight"] = up.weight
+    return out
+
+
+@register
+class PFedLoru(Algorithm):
+    """pFedLoRU: FedLoRU's global factors, plus personal factors that stay on each client."""
+
+    name = "pfedloru"
+    Options = PFedLoruOptions
+    default_client_kind = "stateful"  # as FedLoRU: clients keep W and merge locally
+
+    def make_server(self, model: nn.Module, ctx: RunContext) -> ServerHalf:
+        o = self.options
+        wrapped = build_lora_model(model, o, ctx.seed, freeze_down=False)
+        return LoraServer(wrapped, UplinkCodec(o), ctx.seed, o.tau, o.reinit)
+
+    def make_client(self, model: nn.Module, ctx: RunContext) -> ClientHalf:
+        o = self.options
+        wrapped = build_lora_model(model, o, ctx.seed, freeze_down=False)
+        for layer in lora_layers(wrapped).values():
+            layer.add_personal(o.personal_rank, float(o.personal_alpha or o.personal_rank))
+        personal = _personal_pairs(wrapped, own_pair=False)
+        return PersonalClient(wrapped, personal, UplinkCodec(o), ctx.seed, o.personal_epochs, "alternate", o.reinit)
+
+
+@register
+class PFedLora(Algorithm):
+    """pFedLoRA(1)/(2): the full model is shared and averaged; personal factors stay on each client."""
+
+    name = "pfedlora"
+    Options = PFedLoraOptions
+
+    def _wrapped(self, model: nn.Module, ctx: RunContext) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+        wrapped = build_lora_model(model, self.options, ctx.seed, freeze_down=False)
+        personal = _personal_pairs(wrapped, own_pair=True)
+        for layer in lora_layers(wrapped).values():
+            layer.base_layer.weight.requires_grad_(True)  # W itself trains and is shared
+        return wrapped, personal
+
+    def make_server(self, model: nn.Module, ctx: RunContext) -> ServerHalf:
+        wrapped, personal = self._wrapped(model, ctx)
+        for t in personal.values():
+            t.requires_grad_(False)  # the server's pair stays at zero: never shared
+        return LoraServer(wrapped, UplinkCodec(self.options), ctx.seed)
+
+    def make_client(self, model: nn.Module, ctx: RunContext) -> ClientHalf:
+        wrapped, personal = self._wrapped(model, ctx)
+        mode = "joint" if self.options.variant == 2 else "alternate"
+        return PersonalClient(wrapped, personal, UplinkCodec(self.options), ctx.seed, self.options.personal_epochs, mode)
