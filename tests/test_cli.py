@@ -167,6 +167,7 @@ def test_demo_prints_a_comparison_table(tmp_path, capsys):
         ["algorithm.name=fedloru", "algorithm.rank=4", "algorithm.tau=1", 'algorithm.patterns=["*"]'],
         ["algorithm.name=fedhm", "algorithm.rank_factor=4", 'algorithm.patterns=["*"]'],
         ["algorithm.name=pfedloru", "algorithm.rank=4", "algorithm.tau=1", "algorithm.personal_rank=2", 'algorithm.patterns=["*"]'],
+        ["algorithm.name=mfedloru", "algorithm.rank=4", "algorithm.tau=1", 'algorithm.patterns=["*"]', "algorithm.tiers=[{fraction=1.0,rank_a=2,rank_b=2}]"],
         ["algorithm.compressor=topk", "algorithm.topk_ratio=0.05", "algorithm.error_feedback=true"],
         ["algorithm.compressor=qsgd"],
         ["algorithm.compressor=topk+qsgd", "federation.client_kind=stateful"],
@@ -181,7 +182,7 @@ def test_run_accepts_every_algorithm_and_compressor(config, tmp_path, sets):
     summary = json.loads((out / "summary.json").read_text())
     resolved = (out / "config.toml").read_text()
     for s in sets:
-        key, value = s.split("=")
+        key, value = s.split("=", 1)
         if key.startswith("algorithm.") and not value.startswith("["):
             assert str(summary["algorithm_options"][key.split(".")[1]]).lower() == value.lower()
     assert "client_kind" in summary and summary["total_uplink_bytes"] > 0

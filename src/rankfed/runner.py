@@ -202,10 +202,17 @@ def summarize(exp: Experiment, history: list[RoundRecord], wall_s: float, comman
     total_up = history[-1].cum_uplink_bytes if history else 0
     total_down = history[-1].cum_downlink_bytes if history else 0
     personal = [r for r in evaluated if r.personal_accuracy is not None]
-    extra = {}
+    extra: dict = {}
+    if hasattr(exp.algorithm, "client_tiers"):  # clients of different ranks: what each tier sends
+        tiers = exp.algorithm.client_tiers(fed.clients)
+        sent: dict[str, list[int]] = {label: [] for label in dict.fromkeys(tiers)}
+        for r in history:
+            for cid, nbytes in zip(r.clients, r.uplink_bytes_per_client):
+                sent[tiers[cid]].append(nbytes)
+        extra["uplink_bytes_per_upload_by_tier"] = {k: (sum(v) / len(v) if v else None) for k, v in sent.items()}
     if personal:  # personalised algorithms: each client's model on its own held-out split, averaged
         best_p = max(personal, key=lambda r: r.personal_accuracy)
-        extra = {"best_personal_accuracy": best_p.personal_accuracy, "best_personal_round": best_p.round, "final_personal_accuracy": personal[-1].personal_accuracy}
+        extra |= {"best_personal_accuracy": best_p.personal_accuracy, "best_personal_round": best_p.round, "final_personal_accuracy": personal[-1].personal_accuracy}
     return {
         "algorithm": exp.algorithm.name,
         "algorithm_options": exp.algorithm.describe(),

@@ -9,7 +9,7 @@ from rankfed.algorithms.base import (
     ServerHalf,
     register,
 )
-from rankfed.algorithms import fedavg, fedhm, lora, mapa, personal  # noqa: F401  (registers)
+from rankfed.algorithms import fedavg, fedhm, hetero, lora, mapa, personal  # noqa: F401  (registers)
 
 __all__ = ["ALGORITHMS", "Algorithm", "ClientContext", "ClientHalf", "RunContext", "ServerHalf", "register", "get_algorithm"]
 
