@@ -167,6 +167,7 @@ def test_demo_prints_a_comparison_table(tmp_path, capsys):
         ["algorithm.name=fedloru", "algorithm.rank=4", "algorithm.tau=1", 'algorithm.patterns=["*"]'],
         ["algorithm.name=fedhm", "algorithm.rank_factor=4", 'algorithm.patterns=["*"]'],
         ["algorithm.name=pfedloru", "algorithm.rank=4", "algorithm.tau=1", "algorithm.personal_rank=2", 'algorithm.patterns=["*"]'],
+        ["algorithm.name=fedhm", 'algorithm.patterns=["*"]', "algorithm.tiers=[{fraction=0.5,rank=1},{fraction=0.5,rank=2}]"],
         ["algorithm.name=mfedloru", "algorithm.rank=4", "algorithm.tau=1", 'algorithm.patterns=["*"]', "algorithm.tiers=[{fraction=1.0,rank_a=2,rank_b=2}]"],
         ["algorithm.compressor=topk", "algorithm.topk_ratio=0.05", "algorithm.error_feedback=true"],
         ["algorithm.compressor=qsgd"],

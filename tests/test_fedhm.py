@@ -71,3 +71,23 @@ def test_server_averages_the_recovered_full_kernels():
     assert payload["0.up.weight"].shape == (8, 4, 1, 1) and payload["2.down.weight"].shape == (4, 8, 3, 3)
     assert "0.weight" not in payload and "0.base_layer.bias" in payload and "5.weight" in payload
     assert rec.downlink_bytes_per_client[0] == encoded_size({**payload, "@round": 1})
+
+
+def test_tiers_get_their_own_rank_and_the_server_averages_all_recovered_kernels():
+    tiers = [{"fraction": 2 / 3, "rank": 1}, {"fraction": 1 / 3, "rank": 4}]
+    sim, clients = _sim({"tiers": tiers, "patterns": ["0", "2"]})
+    start = {k: v.clone() for k, v in sim.server.state.items()}
+    downlinks = sim.server.configure(1, [0, 1, 2])
+    assert downlinks[0] is downlinks[1] and downlinks[0]["2.up.weight"].shape[1] == 1
+    assert downlinks[2]["2.up.weight"].shape[1] == 4  # conv "2" is 8 -> 8: rank 4 of full 8
+    replies = []
+    fit = sim.client.fit
+    sim.client.fit = lambda payload, ctx: replies.append((ctx.client_id, fit(payload, ctx))) or replies[-1][1]
+    rec = sim.run_round(1)
+    assert rec.downlink_bytes_per_client[0] < rec.downlink_bytes_per_client[2]
+    sizes = [c.num_samples for c in clients]
+    for name in ("0", "2"):
+        w = start[f"{name}.weight"]
+        full = [(p[f"{name}.up.weight"].reshape(w.shape[0], -1) @ p[f"{name}.down.weight"].reshape(p[f"{name}.down.weight"].shape[0], -1)).reshape(w.shape) for _, p in replies]
+        expect = sum(sizes[cid] * f for (cid, _), f in zip(replies, full)) / sum(sizes[cid] for cid, _ in replies)
+        torch.testing.assert_close(sim.server.state[f"{name}.weight"], expect, rtol=1e-5, atol=1e-6)

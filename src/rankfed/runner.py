@@ -203,8 +203,8 @@ def summarize(exp: Experiment, history: list[RoundRecord], wall_s: float, comman
     total_down = history[-1].cum_downlink_bytes if history else 0
     personal = [r for r in evaluated if r.personal_accuracy is not None]
     extra: dict = {}
-    if hasattr(exp.algorithm, "client_tiers"):  # clients of different ranks: what each tier sends
-        tiers = exp.algorithm.client_tiers(fed.clients)
+    tiers = exp.algorithm.client_tiers(fed.clients) if hasattr(exp.algorithm, "client_tiers") else None
+    if tiers:  # clients of different ranks: what each tier sends
         sent: dict[str, list[int]] = {label: [] for label in dict.fromkeys(tiers)}
         for r in history:
             for cid, nbytes in zip(r.clients, r.uplink_bytes_per_client):

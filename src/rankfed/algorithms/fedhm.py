@@ -14,6 +14,11 @@ full kernel and averages the full weights (sample-weighted), then factorises
 again next round. Downlink and uplink: the factors plus the unfactorised
 tensors. Clients keep nothing between rounds (stateless only: the factors are
 recomputed from the averaged model every round).
+
+Heterogeneous FedHM (the mFedLoRU paper's baseline): ``tiers = [{fraction = 0.5,
+rank = 8}, {fraction = 0.5, rank = 32}]`` gives consecutive client-id ranges
+their own rank; each client receives the SVD factors at its tier's rank and the
+server averages the recovered full kernels of all tiers alike.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ __all__ = ["FedHM", "FedHmOptions", "svd_factors", "factor_ranks"]
 class FedHmOptions:
     rank_factor: int = 4  # rank of each factorised layer = max(1, out_channels // rank_factor)
     rank: int = 0  # > 0: this rank for every factorised layer instead (capped at the layer's full rank)
+    tiers: list = field(default_factory=list)  # [{fraction, rank}, ...]: per-client ranks (heterogeneous FedHM)
     patterns: list = field(default_factory=lambda: ["*conv*"])  # module-name globs, as in fedloru
     exclude: list = field(default_factory=lambda: ["conv1"])  # the stem stays full-rank, as in the FedHM code
 
@@ -47,6 +53,13 @@ class FedHmOptions:
             raise ConfigError(f"algorithm.rank_factor = {self.rank_factor}: must be >= 1")
         if self.rank < 0:
             raise ConfigError(f"algorithm.rank = {self.rank}: must be >= 0 (0 = out_channels // rank_factor)")
+        if self.tiers:
+            from rankfed.algorithms.hetero import _check_tiers
+
+            self.tiers = _check_tiers(self.tiers, ("rank",))
+            for i, t in enumerate(self.tiers):
+                if t["rank"] < 1:
+                    raise ConfigError(f"algorithm.tiers[{i}].rank = {t['rank']}: must be >= 1")
         if not self.patterns or not all(isinstance(p, str) for p in self.patterns):
             raise ConfigError(f"algorithm.patterns = {self.patterns!r}: must be a non-empty list of strings")
 
@@ -65,7 +78,7 @@ def svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Te
     return down, up
 
 
-def factor_ranks(model: nn.Module, opts: FedHmOptions) -> dict[str, int]:
+def factor_ranks(model: nn.Module, opts: FedHmOptions, rank: int | None = None) -> dict[str, int]:
     """The rank of every layer FedHM factorises (``rank``, or out // rank_factor; at most full rank)."""
     ranks = {}
     for name, module in model.named_modules():
@@ -73,7 +86,7 @@ def factor_ranks(model: nn.Module, opts: FedHmOptions) -> dict[str, int]:
             continue
         if any(fnmatch.fnmatchcase(name, p) for p in opts.patterns) and not any(fnmatch.fnmatchcase(name, p) for p in opts.exclude):
             out = module.out_channels if isinstance(module, nn.Conv2d) else module.out_features
-            wanted = opts.rank or out // opts.rank_factor
+            wanted = rank or opts.rank or out // opts.rank_factor
             ranks[name] = max(1, min(wanted, max_rank(module)))
     if not ranks:
         raise ConfigError(f"algorithm.patterns = {opts.patterns}: no Conv2d/Linear layer of the model matches")
@@ -92,20 +105,32 @@ def _factorised_model(model: nn.Module, ranks: dict[str, int]) -> nn.Module:
 
 
 class FedHmServer(ServerHalf):
-    def __init__(self, model: nn.Module, ranks: dict[str, int]):
+    def __init__(self, model: nn.Module, ranks: dict[str, int], tier_ranks: Sequence[dict[str, int]] = (), tier_of: Sequence[int] = ()):
         self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        self.ranks = ranks
+        self.ranks = ranks  # which layers are factorised (and, without tiers, at what rank)
+        self.tier_ranks, self.tier_of = list(tier_ranks), list(tier_of)
         # What travels besides the factors: every float entry that is not a factorised kernel.
         self.others = [k for k, v in self.state.items() if v.is_floating_point() and k[: -len(".weight")] not in ranks]
 
-    def configure(self, rnd: int, client_ids: Sequence[int]) -> dict[int, Payload]:
+    def _payload(self, rnd: int, ranks: dict[str, int]) -> Payload:
         payload: Payload = {"@round": rnd}
-        for name, rank in self.ranks.items():
+        for name, rank in ranks.items():
             down, up = svd_factors(self.state[f"{name}.weight"], rank)
             payload[f"{name}.down.weight"], payload[f"{name}.up.weight"] = down, up
         for key in self.others:
             payload[_wrapped_name(key, self.ranks)] = self.state[key]
-        return {cid: payload for cid in client_ids}
+        return payload
+
+    def configure(self, rnd: int, client_ids: Sequence[int]) -> dict[int, Payload]:
+        if not self.tier_ranks:
+            payload = self._payload(rnd, self.ranks)
+            return {cid: payload for cid in client_ids}
+        by_tier: dict[int, Payload] = {}  # one payload object per tier: serialised once
+        for cid in client_ids:
+            tier = self.tier_of[cid]
+            if tier not in by_tier:
+                by_tier[tier] = self._payload(rnd, self.tier_ranks[tier])
+        return {cid: by_tier[self.tier_of[cid]] for cid in client_ids}
 
     def aggregate(self, rnd: int, replies: Sequence[tuple[int, Payload]]) -> dict[str, float]:
         if not replies:
@@ -149,13 +174,45 @@ class FedHmClient(ClientHalf):
         return client_uplink(ctx, stats, {n: v.detach().clone() for n, v in self.trained.items()})
 
 
+class TieredFedHmClient(ClientHalf):
+    """One factorised model per tier; each client trains its tier's."""
+
+    def __init__(self, model: nn.Module, tier_ranks: Sequence[dict[str, int]], tier_of: Sequence[int]):
+        self.model, self.tier_ranks, self.tier_of = model, list(tier_ranks), list(tier_of)
+        self.halves: dict[int, FedHmClient] = {}
+
+    def fit(self, payload: Payload, ctx: ClientContext) -> Payload:
+        tier = self.tier_of[ctx.client_id]
+        if tier not in self.halves:
+            self.halves[tier] = FedHmClient(_factorised_model(self.model, self.tier_ranks[tier]))
+        return self.halves[tier].fit(payload, ctx)
+
+
 @register
 class FedHM(Algorithm):
     name = "fedhm"
     Options = FedHmOptions
 
+    def _tiers(self, model: nn.Module, num_clients: int) -> tuple[list[dict[str, int]], list[int]]:
+        from rankfed.algorithms.hetero import tier_of_clients
+
+        tiers = self.options.tiers
+        return [factor_ranks(model, self.options, t["rank"]) for t in tiers], tier_of_clients(tiers, num_clients)
+
     def make_server(self, model: nn.Module, ctx: RunContext) -> ServerHalf:
-        return FedHmServer(model, factor_ranks(model, self.options))
+        tier_ranks, tier_of = self._tiers(model, ctx.num_clients) if self.options.tiers else ([], [])
+        return FedHmServer(model, factor_ranks(model, self.options), tier_ranks, tier_of)
 
     def make_client(self, model: nn.Module, ctx: RunContext) -> ClientHalf:
+        if self.options.tiers:
+            return TieredFedHmClient(copy.deepcopy(model), *self._tiers(model, ctx.num_clients))
         return FedHmClient(_factorised_model(model, factor_ranks(model, self.options)))
+
+    def client_tiers(self, num_clients: int) -> list[str] | None:
+        """Each client's tier label (the summary's bytes per tier); None without ``tiers``."""
+        if not self.options.tiers:
+            return None
+        from rankfed.algorithms.hetero import tier_of_clients
+
+        labels = [f"rank={t['rank']}" for t in self.options.tiers]
+        return [labels[i] for i in tier_of_clients(self.options.tiers, num_clients)]
