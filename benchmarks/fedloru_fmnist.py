@@ -55,7 +55,7 @@ METHODS = {
 }
 FAMILY = {m: m.split()[0] for m in METHODS}  # the lr is tuned per family at its largest rank
 TUNED_AT = {"FedAvg": "FedAvg", "FedLoRA": "FedLoRA r64", "FedHM": "FedHM r64", "FedLoRU": "FedLoRU r64"}
-LR_GRID = {"FedAvg": [0.01, 0.03, 0.1], "FedLoRA": [0.1, 0.3, 1.0], "FedHM": [0.01, 0.03, 0.1], "FedLoRU": [0.1, 0.3, 1.0]}
+LR_GRID = {"FedAvg": [0.01, 0.03, 0.1], "FedLoRA": [0.03, 0.1, 0.3, 1.0], "FedHM": [0.01, 0.03, 0.1], "FedLoRU": [0.03, 0.1, 0.3, 1.0]}
 SCALING_K = [20, 50, 100, 200, 400]
 SCALING_METHODS = ["FedAvg", "FedLoRU r64"]
 TABLE1_K = [20, 100]
@@ -101,7 +101,9 @@ class Jobs:
             args += ["--set", f"{k}={_toml(v)}"]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         print("$", " ".join(shlex.quote(a) for a in ["rankfed", *args[3:]]), flush=True)
-        subprocess.run(args, cwd=ROOT, env=env, check=True)
+        if subprocess.run(args, cwd=ROOT, env=env).returncode != 0:
+            print(f"FAILED: {out} (see its output above); the other runs go on", flush=True)
+            return None
         return json.loads(summary.read_text())
 
 
@@ -124,6 +126,8 @@ def tune(args, jobs: Jobs) -> dict[str, float] | None:
         return None
     best: dict[str, tuple[float, float]] = {}
     for (family, lr), s in results.items():
+        if s.get("status") == "diverged":
+            continue  # its accuracy before blowing up does not make it a usable lr
         if family not in best or s["best_accuracy"] > best[family][1]:
             best[family] = (lr, s["best_accuracy"])
     return {f: lr for f, (lr, _) in best.items()}
@@ -159,6 +163,8 @@ def run_all(args) -> None:
     order = sorted(want, key=lambda key: (key[0] not in SCALING_METHODS or key[2] != "iid", key[1], key[0]))
     futures = [jobs.submit(want[key], _main_sets(key[0], lrs, key[1], key[2], args.rounds)) for key in order]
     done = sum(f.result() is not None for f in futures)
+    if done < len(futures):
+        print("some runs failed or were not started (deadline); run again to retry them", flush=True)
     print(f"{done}/{len(futures)} main runs finished", flush=True)
     if done == len(futures):
         report(args)
@@ -182,6 +188,9 @@ def report(args) -> None:
         best = None
         for lr in LR_GRID[family]:
             s = json.loads((_tune_dir(method, lr, args.tune_rounds) / "summary.json").read_text())
+            if s.get("status") == "diverged":
+                cells.append(f"lr {lr}: diverged in round {s['diverged_at_round']}")
+                continue
             cells.append(f"lr {lr}: {100 * s['best_accuracy']:.2f}%")
             if best is None or s["best_accuracy"] > best[1]:
                 best = (lr, s["best_accuracy"])

@@ -202,3 +202,16 @@ def test_run_accepts_pfedlora_and_reports_personal_accuracy(config, tmp_path, va
     assert summary["uplink_vs_fedavg"] > 0.9  # pFedLoRA shares the full model
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(l["personal_accuracy"] is not None for l in lines)
+
+
+def test_a_diverging_run_stops_with_a_clear_status(config, tmp_path, capsys):
+    out = tmp_path / "r"
+    # lr 1e30 overflows the weights to inf within a round or two
+    assert main(["-q", "run", str(config), "--out", str(out), "--set", "client.lr=1e30", "--set", "federation.rounds=6"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "diverged" and 1 <= summary["diverged_at_round"] <= 6
+    assert summary["rounds"] == summary["diverged_at_round"] - 1
+    assert "diverged in round" in capsys.readouterr().err
+    ok = tmp_path / "ok"
+    assert main(["-q", "run", str(config), "--out", str(ok), "--set", "federation.rounds=1"]) == 0
+    assert json.loads((ok / "summary.json").read_text())["status"] == "completed"

@@ -210,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(args.config, args.overrides)
             out = Path(args.out or f"runs/{cfg.task.dataset}-{cfg.algorithm.name}-{_stamp()}")
             s = _run_one(cfg, out, err, args.quiet, args.overwrite, cfg.algorithm.name)
+            if s.get("status") == "diverged":
+                err.print(f"rankfed: warning: {s['diverged']}; the run stopped there", highlight=False)
             best = "-" if s["best_accuracy"] is None else f"{100 * s['best_accuracy']:.2f}% at round {s['best_round']}"
             console.print(
                 f"{s['algorithm']}: best accuracy {best}; uplink {s['total_uplink_bytes'] / MB:.3f} MB, "

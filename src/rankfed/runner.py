@@ -31,7 +31,7 @@ from rankfed.algorithms.base import Algorithm, RunContext, float_state
 from rankfed.config import ConfigError, ExperimentConfig, to_toml
 from rankfed.data import ClientData, Dataset, federate, load_dataset
 from rankfed.models import build_model, count_parameters
-from rankfed.sim.simulator import RoundRecord, Simulator
+from rankfed.sim.simulator import Diverged, RoundRecord, Simulator
 from rankfed.wire import encoded_size
 
 __all__ = ["Experiment", "build_experiment", "run_experiment", "RunFolder", "DEFAULT_MODELS", "resolve_device"]
@@ -276,8 +276,16 @@ def run_experiment(
         if on_round:
             on_round(rec)
 
-    history = sim.run(_on_round)
+    diverged = None
+    try:
+        history = sim.run(_on_round)
+    except Diverged as e:  # a result, not a crash: the rounds before it stand
+        history, diverged = sim.history, e
     summary = summarize(exp, history, time.perf_counter() - t0, command)
+    summary["status"] = "completed" if diverged is None else "diverged"
+    if diverged is not None:
+        summary["diverged_at_round"] = diverged.round
+        summary["diverged"] = str(diverged)
     if folder:
         folder.write_text("summary.json", json.dumps(summary, indent=2) + "\n")
     return summary

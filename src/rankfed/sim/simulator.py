@@ -28,7 +28,16 @@ from rankfed.data import ClientData
 from rankfed.sim.trainer import LocalTrainer
 from rankfed.wire import decode, encode
 
-__all__ = ["Simulator", "RoundRecord", "evaluate", "sample_clients"]
+__all__ = ["Simulator", "RoundRecord", "Diverged", "evaluate", "sample_clients"]
+
+
+class Diverged(RuntimeError):
+    """The global model holds non-finite values after a round's aggregation (training diverged)."""
+
+    def __init__(self, rnd: int, names: list[str]):
+        self.round, self.names = rnd, names
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        super().__init__(f"training diverged in round {rnd}: the global model has non-finite values in {shown} (try a lower client.lr)")
 
 
 def _to_device(c: ClientData, device: torch.device) -> ClientData:
@@ -181,6 +190,9 @@ class Simulator:
             if state:
                 self.client_states[cid] = state
         stats = self.server.aggregate(rnd, replies)
+        bad = [k for k, v in self.server.global_model_state().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise Diverged(rnd, bad)
         round_s = time.perf_counter() - t0
         down_total = sum(down_sizes) + broadcast_bytes * broadcast_recipients
         self.cum_up += sum(up_sizes)
