@@ -27,15 +27,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shlex
-import subprocess
 import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _jobs import Jobs  # noqa: E402
 from _report import HERE, write_result  # noqa: E402
 
 ROOT = HERE.parent
@@ -64,47 +60,15 @@ TABLE1_K = [20, 100]
 PAPER_TABLE2 = {20: (69.97, 66.81, -0.046), 50: (64.68, 62.45, -0.034), 100: (55.14, 57.76, 0.048), 200: (38.85, 42.55, 0.095), 300: (24.94, 33.81, 0.356), 400: (21.44, 33.25, 0.551)}
 
 
-def _toml(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return f'"{v}"'
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml(x) for x in v) + "]"
-    return repr(v)
-
-
 def _slug(method: str) -> str:
     return method.replace(" ", "-")
 
 
-class Jobs:
-    """Runs `rankfed run` jobs on a pool; after the deadline no new job starts."""
-
-    def __init__(self, args):
-        self.args = args
-        self.pool = ThreadPoolExecutor(args.workers)
-        self.stop_at = time.monotonic() + args.deadline if args.deadline else None
-
-    def submit(self, out: Path, sets: dict):
-        return self.pool.submit(self._run, out, sets)
-
-    def _run(self, out: Path, sets: dict) -> dict | None:
-        summary = out / "summary.json"
-        if summary.is_file():
-            return json.loads(summary.read_text())
-        if self.stop_at is not None and time.monotonic() > self.stop_at:
-            return None
-        args = [sys.executable, "-m", "rankfed", "-q", "run", str(CONFIG.relative_to(ROOT)), "--out", os.path.relpath(out, ROOT), "--overwrite"]
-        sets = {**TASK, "federation.device": self.args.device, "task.train_samples": self.args.train_samples, **sets}
-        for k, v in sets.items():
-            args += ["--set", f"{k}={_toml(v)}"]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        print("$", " ".join(shlex.quote(a) for a in ["rankfed", *args[3:]]), flush=True)
-        if subprocess.run(args, cwd=ROOT, env=env).returncode != 0:
-            print(f"FAILED: {out} (see its output above); the other runs go on", flush=True)
-            return None
-        return json.loads(summary.read_text())
+def _jobs(args) -> Jobs:
+    base = {**TASK, "federation.device": args.device}
+    if args.train_samples:
+        base["task.train_samples"] = args.train_samples
+    return Jobs(CONFIG, base, args.workers, args.deadline)
 
 
 def _tune_dir(method: str, lr: float, rounds: int) -> Path:
@@ -152,7 +116,7 @@ def _main_jobs(args, lrs: dict) -> dict[tuple[str, int, str], Path]:
 
 
 def run_all(args) -> None:
-    jobs = Jobs(args)
+    jobs = _jobs(args)
     lrs = tune(args, jobs)
     if lrs is None:
         print("deadline reached during tuning; run again to continue", flush=True)

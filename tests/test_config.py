@@ -183,3 +183,24 @@ def test_train_samples_takes_a_seeded_subset_of_the_training_split():
         build_experiment(parse_config({**base, "task": {**base["task"], "train_samples": 99999}}))
     with pytest.raises(ConfigError, match=r"task.train_samples = -1"):
         parse_config({"task": {"train_samples": -1}})
+
+
+def test_init_weights_starts_from_a_saved_state_dict(tmp_path):
+    from rankfed.models import build_model
+    from rankfed.runner import build_experiment
+
+    torch.manual_seed(7)
+    saved = build_model("mlp", (1, 8, 8), 10)
+    torch.save(saved.state_dict(), tmp_path / "w.pt")
+    base = {"dataset": "digits", "model": "mlp"}
+    exp = build_experiment(parse_config({"task": {**base, "init_weights": str(tmp_path / "w.pt")}, "federation": {"clients": 2}}))
+    for k, v in saved.state_dict().items():
+        assert torch.equal(exp.model.state_dict()[k], v)
+    with pytest.raises(ConfigError, match="no such file"):
+        build_experiment(parse_config({"task": {**base, "init_weights": str(tmp_path / "none.pt")}, "federation": {"clients": 2}}))
+    torch.save(build_model("mlp", (1, 8, 8), 10, hidden=[7]).state_dict(), tmp_path / "other.pt")
+    with pytest.raises(ConfigError, match="does not fit the model"):
+        build_experiment(parse_config({"task": {**base, "init_weights": str(tmp_path / "other.pt")}, "federation": {"clients": 2}}))
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="not a readable state-dict file"):
+        build_experiment(parse_config({"task": {**base, "init_weights": str(tmp_path / "junk.pt")}, "federation": {"clients": 2}}))

@@ -67,6 +67,7 @@ class TaskConfig:
     holdout: float = 0.1  # fraction of each client's data kept as its own held-out split
     train_samples: int = 0  # > 0: a seeded random subset of this many training samples (0 = all)
     model: str = ""  # "" = the dataset's reference model
+    init_weights: str = ""  # a state-dict file (torch.save) to start from, e.g. a centrally pretrained model
     dataset_options: dict = field(default_factory=dict)
     model_options: dict = field(default_factory=dict)
 

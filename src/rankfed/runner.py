@@ -116,6 +116,28 @@ def subsample_train(ds: Dataset, n: int, *, seed: int) -> Dataset:
     )
 
 
+def load_init_weights(model: torch.nn.Module, path: str) -> None:
+    """Load a state dict saved with ``torch.save`` (tensors only: ``weights_only``) into ``model``."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"task.init_weights = {path!r}: no such file")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is one clear error
+        raise ConfigError(f"task.init_weights = {path!r}: not a readable state-dict file ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict):
+        raise ConfigError(f"task.init_weights = {path!r}: holds a {type(state).__name__}, not a state dict")
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        first = str(e).strip().splitlines()[-1].strip()
+        raise ConfigError(f"task.init_weights = {path!r}: does not fit the model ({first})") from None
+    if result.missing_keys or result.unexpected_keys:
+        raise ConfigError(
+            f"task.init_weights = {path!r}: does not fit the model (missing {result.missing_keys[:4]}, unexpected {result.unexpected_keys[:4]})"
+        )
+
+
 def build_experiment(cfg: ExperimentConfig, dataset: Dataset | None = None) -> Experiment:
     """Load and split the data, build the seeded model and the algorithm.
 
@@ -140,6 +162,8 @@ def build_experiment(cfg: ExperimentConfig, dataset: Dataset | None = None) -> E
     model_name = task.model or DEFAULT_MODELS[task.dataset]
     torch.manual_seed(fed.seed)
     model = build_model(model_name, ds.input_shape, ds.num_classes, **task.model_options)
+    if task.init_weights:
+        load_init_weights(model, task.init_weights)
     algorithm = get_algorithm(cfg.algorithm.name, cfg.algorithm.options)
     ctx = RunContext(
         num_clients=fed.clients,
