@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -143,18 +144,26 @@ def test_shipped_experiment_files_build_every_variant(path):
     from rankfed.data import Dataset
     from rankfed.runner import build_experiment
 
-    cfg = load_config(path, ["federation.clients=4"])
-    shapes = {"fmnist": ((1, 28, 28), 10), "cifar10": ((3, 32, 32), 10), "digits": ((1, 8, 8), 10)}
+    cfg = load_config(path, ["federation.clients=4", 'task.init_weights=""'])
+    shapes = {"fmnist": ((1, 28, 28), 10), "cifar10": ((3, 32, 32), 10), "digits": ((1, 8, 8), 10), "shakespeare": ((80,), 80)}
     shape, classes = shapes[cfg.task.dataset]
     g = torch.Generator().manual_seed(0)
+
+    def inputs(n):
+        if cfg.task.dataset == "shakespeare":  # character ids
+            return torch.randint(0, classes, (n, *shape), generator=g).to(torch.uint8)
+        return torch.randn(n, *shape, generator=g)
+
     ds = Dataset(
         name=cfg.task.dataset,
-        train_x=torch.randn(40, *shape, generator=g),
+        train_x=inputs(40),
         train_y=torch.arange(40) % classes,
-        test_x=torch.randn(8, *shape, generator=g),
+        test_x=inputs(8),
         test_y=torch.arange(8) % classes,
         num_classes=classes,
         input_shape=shape,
+        groups=np.arange(40) % 4,  # for the natural partition
+        group_names=["a", "b", "c", "d"],
     )
     for label in [None, *cfg.algorithms]:
         variant = cfg if label is None else cfg.with_algorithm(label)
