@@ -1,0 +1,266 @@
+"""Low-rank gradient compression for data-parallel training: PowerSGD and GreedyLore.
+
+Unlike the uplink compressors of this package (one client compresses, the
+server decompresses), these run on every worker at once and communicate
+through an *all-reduce* they are handed as a function::
+
+    allreduce(t: Tensor) -> Tensor   # the mean of t over the workers (a new tensor)
+
+so the same code runs inside a DDP comm hook (``dist.all_reduce`` then divide)
+and in a single-process test whose workers are threads (:class:`ThreadGroup`).
+Each compressor is a small object with an explicit, picklable state::
+
+    comp = greedylore(rank=4, update_gap=50, warmup_steps=10)
+    state = comp.init({name: grad.shape for ...})            # per worker
+    averaged, state = comp.reduce(grads, state, allreduce, seed)
+
+``reduce`` takes this worker's gradients (a dict of tensors) and returns the
+gradients every worker uses, identical on all of them. Weight matrices (conv
+kernels flattened to (out, in*kh*kw)) are compressed; 1-D tensors and matrices
+where compression would not send at least 2x fewer numbers are all-reduced
+dense. ``state.stats`` counts the numbers all-reduced and what dense would have.
+
+PowerSGD (Vogels et al. 2019): M = g + e; P = avg(M Q); orthonormalise P;
+Q = avg(M^T P); the gradient is P Q^T and e = M - P Q^T; Q is kept (warm start).
+
+GreedyLore (Chen et al. 2025, as ../shared/DESIGN.md records it): dense steps
+for the first ``warmup_steps``; every ``update_gap`` steps after that a
+*refresh*: X = g + e is all-reduced dense, the SVD of the average gives the
+orthonormal basis U of its smaller side (kept on every worker, never sent),
+and the error is reset (everything was sent). On the other steps X = g + e;
+each direction u_i is scored by its energy in the averaged X, estimated as
+avg(u_i^T X z_i)^2 with a shared-seed Gaussian z_i (min(n, m) numbers
+all-reduced); the top ``rank`` directions P are taken greedily; R = P^T X is
+all-reduced (rank * max(n, m) numbers); the gradient is P avg(R) and the
+error becomes X - P R.
+"""
+
+from __future__ import annotations
+
+import threading
+import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["AllReduce", "CompressionStats", "LowRankState", "powersgd", "greedylore", "dense", "ThreadGroup", "LOWRANK_COMPRESSORS"]
+
+AllReduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class CompressionStats:
+    """Numbers all-reduced so far (x4 for float32 bytes), against a dense all-reduce of the same gradients."""
+
+    steps: int = 0
+    sent: int = 0
+    dense: int = 0
+    last_sent: int = 0
+
+    @property
+    def ratio(self) -> float:
+        return self.sent / self.dense if self.dense else 1.0
+
+
+@dataclass
+class LowRankState:
+    """Everything a worker remembers; plain tensors and ints, so it pickles."""
+
+    step: int = 0
+    error: dict[str, torch.Tensor] = field(default_factory=dict)  # e, per compressed matrix
+    q: dict[str, torch.Tensor] = field(default_factory=dict)  # PowerSGD's warm-start Q
+    basis: dict[str, torch.Tensor] = field(default_factory=dict)  # GreedyLore's U (smaller side)
+    stats: CompressionStats = field(default_factory=CompressionStats)
+
+
+def _as_matrix(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(t.shape[0], -1)
+
+
+def _name_seed(seed: int, name: str) -> int:
+    """A seed from the run seed and a tensor name, the same in every process (no str hash)."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+class _Base:
+    name = "none"
+
+    def __init__(self, rank: int = 4, min_saving: float = 2.0):
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"rank must be an int >= 1, got {rank!r}")
+        if not min_saving >= 0:
+            raise ValueError(f"min_saving must be >= 0, got {min_saving!r}")
+        self.rank, self.min_saving = rank, float(min_saving)
+
+    def init(self, shapes: Mapping[str, torch.Size] | None = None) -> LowRankState:
+        return LowRankState()
+
+    def compressed(self, name: str, shape: torch.Size) -> bool:
+        """2-D or more, and the compressed all-reduce sends ``min_saving`` times fewer numbers
+        than dense (counted as rank * (n + m) + min(n, m), an upper bound for both methods)."""
+        if self.name == "none" or len(shape) < 2:
+            return False
+        n, m = shape[0], int(torch.Size(shape[1:]).numel())
+        return (self.rank * (n + m) + min(n, m)) * self.min_saving <= n * m
+
+    def reduce(self, grads: Mapping[str, torch.Tensor], state: LowRankState, allreduce: AllReduce, seed: int = 0) -> tuple[dict[str, torch.Tensor], LowRankState]:
+        """This worker's gradients in, the gradients all workers use out (and the new state)."""
+        return self._reduce(grads, state, allreduce, seed, dense_only=False)
+
+    def _reduce(self, grads, state, allreduce, seed, dense_only: bool):
+        out: dict[str, torch.Tensor] = {}
+        sent = dense = 0
+        for name, g in grads.items():
+            dense += g.numel()
+            if not dense_only and self.compressed(name, g.shape):
+                out[name], n_sent = self._reduce_matrix(name, g, state, allreduce, seed)
+                sent += n_sent
+            else:
+                out[name] = allreduce(g)
+                sent += g.numel()
+        state.step += 1
+        st = state.stats
+        st.steps, st.sent, st.dense, st.last_sent = st.steps + 1, st.sent + sent, st.dense + dense, sent
+        return out, state
+
+    def _reduce_matrix(self, name, g, state, allreduce, seed) -> tuple[torch.Tensor, int]:
+        raise NotImplementedError
+
+
+def dense(rank: int = 1, **_: object) -> _Base:
+    """Plain all-reduce of everything (the reference)."""
+    return _Base(rank)
+
+
+class _PowerSGD(_Base):
+    name = "powersgd"
+
+    def _reduce_matrix(self, name, g, state, allreduce, seed):
+        m = _as_matrix(g)
+        n_rows, n_cols = m.shape
+        r = min(self.rank, n_rows, n_cols)
+        e = state.error.get(name)
+        x = m + e if e is not None else m.clone()
+        q = state.q.get(name)
+        if q is None:  # the same random start on every worker (shared seed)
+            gen = torch.Generator().manual_seed(_name_seed(seed, name))
+            q = torch.randn(n_cols, r, generator=gen).to(device=m.device, dtype=m.dtype)
+        p = allreduce(x @ q)  # (n, r)
+        p, _ = torch.linalg.qr(p)  # orthonormal columns
+        q = allreduce(x.T @ p)  # (m, r)
+        approx = p @ q.T
+        state.error[name] = x - approx
+        state.q[name] = q
+        return approx.reshape(g.shape), r * (n_rows + n_cols)
+
+
+def powersgd(rank: int = 4, min_saving: float = 2.0, **_: object) -> _Base:
+    """PowerSGD with error feedback and warm start (one power iteration per step)."""
+    return _PowerSGD(rank, min_saving)
+
+
+class _GreedyLore(_Base):
+    name = "greedylore"
+
+    def __init__(self, rank: int = 4, update_gap: int = 100, warmup_steps: int = 0, min_saving: float = 2.0):
+        super().__init__(rank, min_saving)
+        if isinstance(update_gap, bool) or not isinstance(update_gap, int) or update_gap < 1:
+            raise ValueError(f"update_gap must be an int >= 1, got {update_gap!r}")
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
+        self.update_gap, self.warmup_steps = update_gap, warmup_steps
+
+    def reduce(self, grads, state, allreduce, seed=0):
+        # dense warm-up: plain all-reduce of everything for the first warmup_steps
+        return self._reduce(grads, state, allreduce, seed, dense_only=state.step < self.warmup_steps)
+
+    def _reduce_matrix(self, name, g, state, allreduce, seed):
+        m = _as_matrix(g)
+        n_rows, n_cols = m.shape
+        e = state.error.get(name)
+        x = m + e if e is not None else m.clone()
+        since = state.step - self.warmup_steps
+        if name not in state.basis or since % self.update_gap == 0:
+            # Semi-lazy refresh: send X dense, keep the basis of the averaged X's smaller side.
+            avg = allreduce(x)
+            u, _, vh = torch.linalg.svd(avg.double(), full_matrices=False)
+            state.basis[name] = (u if n_rows <= n_cols else vh.T).to(m.dtype)  # (min side, k) orthonormal columns
+            state.error[name] = torch.zeros_like(x)
+            return avg.reshape(g.shape), n_rows * n_cols
+        basis = state.basis[name]  # (s, k): s = the smaller side
+        left = n_rows <= n_cols
+        xs = x if left else x.T  # (s, l): project on the smaller side
+        k = basis.shape[1]
+        r = min(self.rank, k)
+        # Energy of each direction in the averaged X, estimated with one shared Gaussian probe each.
+        gen = torch.Generator().manual_seed(_name_seed(seed + state.step, name))
+        z = torch.randn(k, xs.shape[1], generator=gen).to(device=m.device, dtype=m.dtype)  # (k, l)
+        scores = allreduce(((basis.T @ xs) * z).sum(1))  # (k,): u_i^T X z_i, averaged
+        top = torch.topk(scores.square(), r).indices
+        p = basis[:, top]  # (s, r)
+        r_local = p.T @ xs  # (r, l)
+        r_avg = allreduce(r_local)
+        approx = p @ r_avg
+        err = xs - p @ r_local
+        if not left:
+            approx, err = approx.T, err.T
+        state.error[name] = err
+        return approx.reshape(g.shape), k + r * xs.shape[1]
+
+
+def greedylore(rank: int = 4, update_gap: int = 100, warmup_steps: int = 0, min_saving: float = 2.0) -> _Base:
+    """GreedyLore: greedy top-r directions of a lazily refreshed SVD basis, with error feedback."""
+    return _GreedyLore(rank, update_gap, warmup_steps, min_saving)
+
+
+LOWRANK_COMPRESSORS = {"none": dense, "powersgd": powersgd, "greedylore": greedylore}
+
+
+class ThreadGroup:
+    """N simulated workers as threads sharing an all-reduce (mean), for tests and the simulator.
+
+    ``run(fn)`` calls ``fn(rank, allreduce)`` on N threads and returns their results in
+    rank order; every worker must call ``allreduce`` the same number of times, in the
+    same order, with tensors of one shape (as in a real collective).
+    """
+
+    def __init__(self, size: int):
+        if size < 1:
+            raise ValueError(f"size must be >= 1, got {size}")
+        self.size = size
+        self._barrier = threading.Barrier(size)
+        self._slots: list[torch.Tensor | None] = [None] * size
+        self._result: torch.Tensor | None = None
+
+    def _allreduce(self, rank: int, t: torch.Tensor) -> torch.Tensor:
+        self._slots[rank] = t.detach().clone()
+        if self._barrier.wait() == 0:  # one thread sums, in rank order (deterministic)
+            total = self._slots[0].clone()
+            for s in self._slots[1:]:
+                total += s
+            self._result = total / self.size
+        self._barrier.wait()
+        out = self._result.clone()
+        self._barrier.wait()  # nobody reuses the slots before all have read
+        return out
+
+    def run(self, fn: Callable[[int, AllReduce], object]) -> list:
+        results: list = [None] * self.size
+        errors: list[BaseException] = []
+
+        def target(rank: int) -> None:
+            try:
+                results[rank] = fn(rank, lambda t: self._allreduce(rank, t))
+            except BaseException as e:  # noqa: BLE001 - re-raised below
+                errors.append(e)
+                self._barrier.abort()
+
+        threads = [threading.Thread(target=target, args=(r,)) for r in range(self.size)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        return results
