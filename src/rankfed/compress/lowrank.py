@@ -56,7 +56,8 @@ class CompressionStats:
     steps: int = 0
     sent: int = 0
     dense: int = 0
-    last_sent: int = 0
+    last_sent: int = 0  # in the last completed step
+    pending: int = 0  # in the step under way (a DDP step reduces several buckets)
 
     @property
     def ratio(self) -> float:
@@ -104,11 +105,14 @@ class _Base:
         n, m = shape[0], int(torch.Size(shape[1:]).numel())
         return (self.rank * (n + m) + min(n, m)) * self.min_saving <= n * m
 
-    def reduce(self, grads: Mapping[str, torch.Tensor], state: LowRankState, allreduce: AllReduce, seed: int = 0) -> tuple[dict[str, torch.Tensor], LowRankState]:
-        """This worker's gradients in, the gradients all workers use out (and the new state)."""
-        return self._reduce(grads, state, allreduce, seed, dense_only=False)
+    def reduce(self, grads: Mapping[str, torch.Tensor], state: LowRankState, allreduce: AllReduce, seed: int = 0, count_step: bool = True) -> tuple[dict[str, torch.Tensor], LowRankState]:
+        """This worker's gradients in, the gradients all workers use out (and the new state).
 
-    def _reduce(self, grads, state, allreduce, seed, dense_only: bool):
+        ``count_step=False`` when more gradients of the same step follow (DDP's buckets):
+        the step counter (warm-up, refresh period, probe seeds) moves on the last call."""
+        return self._reduce(grads, state, allreduce, seed, dense_only=False, count_step=count_step)
+
+    def _reduce(self, grads, state, allreduce, seed, dense_only: bool, count_step: bool = True):
         out: dict[str, torch.Tensor] = {}
         sent = dense = 0
         for name, g in grads.items():
@@ -119,9 +123,11 @@ class _Base:
             else:
                 out[name] = allreduce(g)
                 sent += g.numel()
-        state.step += 1
         st = state.stats
-        st.steps, st.sent, st.dense, st.last_sent = st.steps + 1, st.sent + sent, st.dense + dense, sent
+        st.sent, st.dense, st.pending = st.sent + sent, st.dense + dense, st.pending + sent
+        if count_step:
+            state.step += 1
+            st.steps, st.last_sent, st.pending = st.steps + 1, st.pending, 0
         return out, state
 
     def _reduce_matrix(self, name, g, state, allreduce, seed) -> tuple[torch.Tensor, int]:
@@ -171,9 +177,9 @@ class _GreedyLore(_Base):
             raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
         self.update_gap, self.warmup_steps = update_gap, warmup_steps
 
-    def reduce(self, grads, state, allreduce, seed=0):
+    def reduce(self, grads, state, allreduce, seed=0, count_step=True):
         # dense warm-up: plain all-reduce of everything for the first warmup_steps
-        return self._reduce(grads, state, allreduce, seed, dense_only=state.step < self.warmup_steps)
+        return self._reduce(grads, state, allreduce, seed, dense_only=state.step < self.warmup_steps, count_step=count_step)
 
     def _reduce_matrix(self, name, g, state, allreduce, seed):
         m = _as_matrix(g)
