@@ -1,5 +1,6 @@
 """The DDP comm hooks on 2 gloo processes (CPU): equivalences with plain all-reduce, and training."""
 
+import json
 import os
 
 import pytest
@@ -115,3 +116,24 @@ def test_hook_state_pickles_and_rejects_unknown_compressors():
     assert again.compressor == "powersgd" and again.options == {"rank": 2} and again._names == {}
     with pytest.raises(ValueError, match="compressor 'topk'"):
         LowRankHookState("topk")
+
+
+def test_rankfed_ddp_writes_a_run_folder_that_plot_reads(tmp_path):
+    from rankfed.cli import main
+
+    cfg = tmp_path / "exp.toml"
+    cfg.write_text('[task]\ndataset = "digits"\nmodel = "mlp"\n[client]\nlr = 0.05\nmomentum = 0.9\nbatch_size = 32\n')
+    runs = []
+    for comp in ("none", "greedylore", "torch-powersgd"):
+        out = tmp_path / comp
+        assert main(["-q", "ddp", str(cfg), "--workers", "2", "--compressor", comp, "--rank", "2", "--steps", "30", "--eval-every", "10", "--warmup", "5", "--out", str(out)]) == 0
+        s = json.loads((out / "summary.json").read_text())
+        rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [r["round"] for r in rows] == [10, 20, 30] and s["steps"] == 30 and len(s["mean_step_s_per_worker"]) == 2
+        assert rows[-1]["cum_uplink_bytes"] == round(s["mean_bytes_per_step"] * 30)
+        runs.append(s)
+    dense, greedy, torch_psgd = runs
+    assert dense["bytes_vs_dense"] == 1.0 and greedy["bytes_vs_dense"] < 0.6 and torch_psgd["bytes_vs_dense"] < 0.6
+    assert main(["-q", "plot", str(tmp_path / "none"), str(tmp_path / "greedylore"), "--out", str(tmp_path / "p.png")]) == 0
+    assert (tmp_path / "p.png").stat().st_size > 0
+    assert main(["-q", "ddp", str(cfg), "--compressor", "topk", "--out", str(tmp_path / "bad")]) == 2

@@ -192,6 +192,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--algorithms", required=True, help="comma-separated algorithm names or [algorithms.<label>] variants, e.g. fedavg,mapa")
     sp = sub.add_parser("demo", help="the embedded demo: six algorithms on digits, no download, about 15 s")
     common(sp, config=False)
+    sp = sub.add_parser("ddp", help="data-parallel training on N worker processes with a gradient compressor")
+    common(sp)
+    sp.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    sp.add_argument("--compressor", default="none", help="none | powersgd | torch-powersgd | greedylore")
+    sp.add_argument("--rank", type=int, default=4, help="low-rank compressors: rank (default 4)")
+    sp.add_argument("--update-gap", type=int, default=100, help="greedylore: steps between subspace refreshes (default 100)")
+    sp.add_argument("--warmup", type=int, default=10, help="dense steps first (default 10)")
+    sp.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
+    sp.add_argument("--eval-every", type=int, default=50, help="evaluate every n steps (default 50)")
+    sp.add_argument("--backend", default="gloo", help="gloo (CPU, default) | nccl (one GPU per worker)")
     sp = sub.add_parser("plot", help="plot run folders: accuracy vs round and vs cumulative bytes")
     sp.add_argument("runs", nargs="+", help="run folders, or a compare folder")
     sp.add_argument("--out", help="PNG file (default: plot.png in the first folder)")
@@ -222,6 +232,21 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(args.config, args.overrides)
             out = Path(args.out or f"runs/compare-{cfg.task.dataset}-{_stamp()}")
             _compare(cfg, _split_names(args.algorithms), out, console, args.quiet, args.overwrite, f"{cfg.task.dataset}: {args.algorithms}")
+        elif args.command == "ddp":
+            from rankfed.ddp_run import DdpOptions, run_ddp
+
+            cfg = load_config(args.config, args.overrides)
+            opts = DdpOptions(args.workers, args.compressor, args.rank, args.update_gap, args.warmup, args.steps, args.eval_every, args.backend)
+            out = Path(args.out or f"runs/ddp-{cfg.task.dataset}-{args.compressor}-{_stamp()}")
+            if not args.quiet:
+                err.print(f"ddp: {opts.workers} workers ({opts.backend}), {opts.compressor}, {opts.steps} steps", highlight=False)
+            s = run_ddp(cfg, opts, out, overwrite=args.overwrite, command="rankfed " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+            console.print(
+                f"ddp-{opts.compressor}: final accuracy {100 * s['final_accuracy']:.2f}% after {s['steps']} steps; "
+                f"{s['mean_bytes_per_step'] / 1e3:.1f} kB per step per worker ({100 * s['bytes_vs_dense']:.1f}% of dense); "
+                f"{1e3 * sum(s['mean_step_s_per_worker']) / len(s['mean_step_s_per_worker']):.1f} ms per step; run folder {out}",
+                highlight=False,
+            )
         elif args.command == "demo":
             cfg = _demo_config()
             out = Path(args.out or f"runs/demo-{_stamp()}")
