@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["AllReduce", "CompressionStats", "LowRankState", "powersgd", "greedylore", "dense", "ThreadGroup", "LOWRANK_COMPRESSORS"]
+__all__ = ["allreduce_many", "AllReduce", "CompressionStats", "LowRankState", "powersgd", "greedylore", "dense", "ThreadGroup", "LOWRANK_COMPRESSORS"]
 
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
 
@@ -113,25 +113,33 @@ class _Base:
         return self._reduce(grads, state, allreduce, seed, dense_only=False, count_step=count_step)
 
     def _reduce(self, grads, state, allreduce, seed, dense_only: bool, count_step: bool = True):
-        out: dict[str, torch.Tensor] = {}
-        sent = dense = 0
-        for name, g in grads.items():
-            dense += g.numel()
-            if not dense_only and self.compressed(name, g.shape):
-                out[name], n_sent = self._reduce_matrix(name, g, state, allreduce, seed)
-                sent += n_sent
-            else:
-                out[name] = allreduce(g)
-                sent += g.numel()
+        matrices = {n: g for n, g in grads.items() if not dense_only and self.compressed(n, g.shape)}
+        rest = [n for n in grads if n not in matrices]
+        out: dict[str, torch.Tensor] = dict(zip(rest, allreduce_many([grads[n] for n in rest], allreduce)))  # one all-reduce
+        sent = sum(grads[n].numel() for n in rest)
+        if matrices:
+            reduced, n_sent = self._reduce_matrices(matrices, state, allreduce, seed)
+            out.update(reduced)
+            sent += n_sent
+        out = {n: out[n] for n in grads}  # the caller's order
         st = state.stats
-        st.sent, st.dense, st.pending = st.sent + sent, st.dense + dense, st.pending + sent
+        st.sent, st.dense, st.pending = st.sent + sent, st.dense + sum(g.numel() for g in grads.values()), st.pending + sent
         if count_step:
             state.step += 1
             st.steps, st.last_sent, st.pending = st.steps + 1, st.pending, 0
         return out, state
 
-    def _reduce_matrix(self, name, g, state, allreduce, seed) -> tuple[torch.Tensor, int]:
+    def _reduce_matrices(self, grads: dict[str, torch.Tensor], state: LowRankState, allreduce: AllReduce, seed: int) -> tuple[dict[str, torch.Tensor], int]:
+        """The compressed matrices of one call, with as few all-reduces as the method needs."""
         raise NotImplementedError
+
+
+def allreduce_many(tensors: list[torch.Tensor], allreduce: AllReduce) -> list[torch.Tensor]:
+    """All-reduce several tensors as one flat buffer (one collective), shapes restored."""
+    if not tensors:
+        return []
+    flat = allreduce(torch.cat([t.reshape(-1) for t in tensors]))
+    return [part.reshape(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
 
 def dense(rank: int = 1, **_: object) -> _Base:
@@ -142,23 +150,30 @@ def dense(rank: int = 1, **_: object) -> _Base:
 class _PowerSGD(_Base):
     name = "powersgd"
 
-    def _reduce_matrix(self, name, g, state, allreduce, seed):
-        m = _as_matrix(g)
-        n_rows, n_cols = m.shape
-        r = min(self.rank, n_rows, n_cols)
-        e = state.error.get(name)
-        x = m + e if e is not None else m.clone()
-        q = state.q.get(name)
-        if q is None:  # the same random start on every worker (shared seed)
-            gen = torch.Generator().manual_seed(_name_seed(seed, name))
-            q = torch.randn(n_cols, r, generator=gen).to(device=m.device, dtype=m.dtype)
-        p = allreduce(x @ q)  # (n, r)
-        p, _ = torch.linalg.qr(p)  # orthonormal columns
-        q = allreduce(x.T @ p)  # (m, r)
-        approx = p @ q.T
-        state.error[name] = x - approx
-        state.q[name] = q
-        return approx.reshape(g.shape), r * (n_rows + n_cols)
+    def _reduce_matrices(self, grads, state, allreduce, seed):
+        xs, qs = {}, {}
+        for name, g in grads.items():
+            m = _as_matrix(g)
+            e = state.error.get(name)
+            xs[name] = m + e if e is not None else m.clone()
+            q = state.q.get(name)
+            if q is None:  # the same random start on every worker (shared seed)
+                r = min(self.rank, *m.shape)
+                gen = torch.Generator().manual_seed(_name_seed(seed, name))
+                q = torch.randn(m.shape[1], r, generator=gen).to(device=m.device, dtype=m.dtype)
+            qs[name] = q
+        names = list(grads)
+        ps = allreduce_many([xs[n] @ qs[n] for n in names], allreduce)  # (n, r) each, one all-reduce
+        ps = [torch.linalg.qr(p)[0] for p in ps]  # orthonormal columns
+        qs_new = allreduce_many([xs[n].T @ p for n, p in zip(names, ps)], allreduce)  # (m, r) each
+        out, sent = {}, 0
+        for n, p, q in zip(names, ps, qs_new):
+            approx = p @ q.T
+            state.error[n] = xs[n] - approx
+            state.q[n] = q
+            out[n] = approx.reshape(grads[n].shape)
+            sent += p.numel() + q.numel()
+        return out, sent
 
 
 def powersgd(rank: int = 4, min_saving: float = 2.0, **_: object) -> _Base:
@@ -181,38 +196,52 @@ class _GreedyLore(_Base):
         # dense warm-up: plain all-reduce of everything for the first warmup_steps
         return self._reduce(grads, state, allreduce, seed, dense_only=state.step < self.warmup_steps, count_step=count_step)
 
-    def _reduce_matrix(self, name, g, state, allreduce, seed):
-        m = _as_matrix(g)
-        n_rows, n_cols = m.shape
-        e = state.error.get(name)
-        x = m + e if e is not None else m.clone()
+    def _reduce_matrices(self, grads, state, allreduce, seed):
+        xs = {}
+        for name, g in grads.items():
+            m = _as_matrix(g)
+            e = state.error.get(name)
+            xs[name] = m + e if e is not None else m.clone()
         since = state.step - self.warmup_steps
-        if name not in state.basis or since % self.update_gap == 0:
-            # Semi-lazy refresh: send X dense, keep the basis of the averaged X's smaller side.
-            avg = allreduce(x)
+        refresh = [n for n in grads if n not in state.basis or since % self.update_gap == 0]
+        lazy = [n for n in grads if n not in refresh]
+        out, sent = {}, 0
+        # Semi-lazy refresh: X sent dense (one all-reduce), the basis of the average's smaller side kept.
+        for n, avg in zip(refresh, allreduce_many([xs[n] for n in refresh], allreduce)):
             u, _, vh = torch.linalg.svd(avg.double(), full_matrices=False)
-            state.basis[name] = (u if n_rows <= n_cols else vh.T).to(m.dtype)  # (min side, k) orthonormal columns
-            state.error[name] = torch.zeros_like(x)
-            return avg.reshape(g.shape), n_rows * n_cols
-        basis = state.basis[name]  # (s, k): s = the smaller side
-        left = n_rows <= n_cols
-        xs = x if left else x.T  # (s, l): project on the smaller side
-        k = basis.shape[1]
-        r = min(self.rank, k)
-        # Energy of each direction in the averaged X, estimated with one shared Gaussian probe each.
-        gen = torch.Generator().manual_seed(_name_seed(seed + state.step, name))
-        z = torch.randn(k, xs.shape[1], generator=gen).to(device=m.device, dtype=m.dtype)  # (k, l)
-        scores = allreduce(((basis.T @ xs) * z).sum(1))  # (k,): u_i^T X z_i, averaged
-        top = torch.topk(scores.square(), r).indices
-        p = basis[:, top]  # (s, r)
-        r_local = p.T @ xs  # (r, l)
-        r_avg = allreduce(r_local)
-        approx = p @ r_avg
-        err = xs - p @ r_local
-        if not left:
-            approx, err = approx.T, err.T
-        state.error[name] = err
-        return approx.reshape(g.shape), k + r * xs.shape[1]
+            state.basis[n] = (u if avg.shape[0] <= avg.shape[1] else vh.T).to(avg.dtype)  # (smaller side, k)
+            state.error[n] = torch.zeros_like(avg)
+            out[n] = avg.reshape(grads[n].shape)
+            sent += avg.numel()
+        if not lazy:
+            return out, sent
+        # Score every direction by its energy in the averaged X: u_i^T X z_i with a shared Gaussian
+        # z_i per direction, averaged over workers (one all-reduce of k numbers per matrix) and squared.
+        xss, probes = {}, []
+        for n in lazy:
+            x = xs[n]
+            xss[n] = x if x.shape[0] <= x.shape[1] else x.T  # (s, l): project on the smaller side
+            basis = state.basis[n]
+            gen = torch.Generator().manual_seed(_name_seed(seed + state.step, n))
+            z = torch.randn(basis.shape[1], xss[n].shape[1], generator=gen).to(device=x.device, dtype=x.dtype)
+            probes.append(((basis.T @ xss[n]) * z).sum(1))
+        scores = allreduce_many(probes, allreduce)
+        ps, r_local = {}, []
+        for n, score in zip(lazy, scores):
+            basis = state.basis[n]
+            top = torch.topk(score.square(), min(self.rank, basis.shape[1])).indices
+            ps[n] = basis[:, top]  # (s, r): the greedy pick
+            r_local.append(ps[n].T @ xss[n])  # (r, l)
+            sent += basis.shape[1]
+        for n, r_mine, r_avg in zip(lazy, r_local, allreduce_many(r_local, allreduce)):
+            p = ps[n]
+            approx, err = p @ r_avg, xss[n] - p @ r_mine
+            if xss[n] is not xs[n]:  # projected on the right side: transpose back
+                approx, err = approx.T, err.T
+            state.error[n] = err
+            out[n] = approx.reshape(grads[n].shape)
+            sent += r_avg.numel()
+        return out, sent
 
 
 def greedylore(rank: int = 4, update_gap: int = 100, warmup_steps: int = 0, min_saving: float = 2.0) -> _Base:
