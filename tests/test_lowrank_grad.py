@@ -113,3 +113,49 @@ def test_bad_arguments_name_the_value():
     with pytest.raises(ValueError, match="warmup_steps must be an int >= 0, got -1"):
         greedylore(warmup_steps=-1)
     assert isinstance(powersgd().init(), LowRankState)
+
+
+# -- the uplink forms (one client compresses its update alone) ------------------------------------------
+
+from rankfed.compress import build_compressor  # noqa: E402
+from rankfed.wire import decode, encode  # noqa: E402
+
+
+@pytest.mark.parametrize("spec", ["powersgd", "greedylore"])
+def test_uplink_lowrank_error_feedback_keeps_everything(spec):
+    comp = build_compressor(spec, compress_rank=2, update_gap=3)
+    g = torch.Generator().manual_seed(0)
+    updates = [{"w": torch.randn(20, 30, generator=g), "conv": torch.randn(12, 4, 3, 3, generator=g), "b": torch.randn(20, generator=g)} for _ in range(5)]
+    state = comp.init(updates[0])
+    sent_total = {k: torch.zeros_like(v) for k, v in updates[0].items()}
+    for i, u in enumerate(updates):
+        entries, state = comp.compress(u, state, 7)
+        got = comp.decompress(decode(encode(entries)))  # what the server reads
+        for k in u:
+            sent_total[k] += got[k]
+        if i % 3 != 0 or spec == "powersgd":  # greedylore's every 3rd upload (the first included) is dense
+            assert "w:A" in entries and "w" not in entries and entries["w:A"].shape[1] == 2
+        torch.testing.assert_close(got["b"], u["b"])  # 1-D: dense
+    # everything the client ever had to send = what the server got + what the client still holds
+    for k in ("w", "conv"):
+        held = state.error[k].reshape(updates[0][k].shape)
+        torch.testing.assert_close(sent_total[k] + held, sum(u[k] for u in updates), rtol=1e-5, atol=1e-5)
+
+
+def test_uplink_greedylore_sends_the_top_energy_directions_of_its_basis():
+    torch.manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(10, 10, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(50, 50, dtype=torch.float64))
+    first = u @ torch.diag(torch.arange(10, 0, -1, dtype=torch.float64)) @ v[:, :10].T  # sets the basis u
+    comp = build_compressor("greedylore", compress_rank=2, update_gap=100)
+    state = comp.init({"w": first})
+    entries, state = comp.compress({"w": first}, state, 0)
+    assert "w" in entries  # the first upload is dense and sets the basis
+    second = 4 * torch.outer(u[:, 7], v[:, 0]) + 2 * torch.outer(u[:, 2], v[:, 1]) + 0.01 * torch.outer(u[:, 5], v[:, 2])
+    entries, state = comp.compress({"w": second}, state, 0)
+    top = u[:, [7, 2]]
+    torch.testing.assert_close(comp.decompress(entries)["w"], top @ top.T @ second, rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="used alone"):
+        build_compressor("topk+powersgd")
+    with pytest.raises(ValueError, match="compress_rank must be an int >= 1, got 0"):
+        build_compressor("powersgd", compress_rank=0)

@@ -24,16 +24,28 @@ class CompressionOptions:
     compressor: str = ""  # "" (none) or names joined by "+", e.g. "topk", "qsgd", "topk+qsgd"
     topk_ratio: float = 0.01  # fraction of each tensor's entries top-k keeps
     qsgd_bits: int = 8  # bits per quantised entry: 2, 4 or 8
-    error_feedback: bool = False  # keep what was not sent on the client, add it next time
+    error_feedback: bool = False  # keep what was not sent on the client, add it next time (always on for powersgd/greedylore)
+    compress_rank: int = 4  # powersgd / greedylore: rank of each compressed matrix
+    update_gap: int = 10  # greedylore: every update_gap-th upload of a client is dense and refreshes its basis
 
     def __post_init__(self) -> None:
         try:
             self.build_compressor()
         except ValueError as e:
-            raise ConfigError(f"algorithm.compressor = {self.compressor!r} (topk_ratio = {self.topk_ratio}, qsgd_bits = {self.qsgd_bits}): {e}") from None
+            raise ConfigError(
+                f"algorithm.compressor = {self.compressor!r} (topk_ratio = {self.topk_ratio}, qsgd_bits = {self.qsgd_bits}, "
+                f"compress_rank = {self.compress_rank}, update_gap = {self.update_gap}): {e}"
+            ) from None
 
     def build_compressor(self) -> Compressor:
-        return build_compressor(self.compressor, topk_ratio=self.topk_ratio, qsgd_bits=self.qsgd_bits, error_feedback=self.error_feedback)
+        return build_compressor(
+            self.compressor,
+            topk_ratio=self.topk_ratio,
+            qsgd_bits=self.qsgd_bits,
+            error_feedback=self.error_feedback,
+            compress_rank=self.compress_rank,
+            update_gap=self.update_gap,
+        )
 
 
 class UplinkCodec:
@@ -44,7 +56,8 @@ class UplinkCodec:
 
     def __init__(self, options: CompressionOptions):
         self.enabled = bool(options.compressor)
-        self.keeps_state = self.enabled and options.error_feedback  # only error feedback remembers anything
+        # only error feedback (and the low-rank compressors, which carry their own) remembers anything
+        self.keeps_state = self.enabled and (options.error_feedback or options.compressor.strip().lower() in ("powersgd", "greedylore"))
         self.compressor = options.build_compressor()
 
     def encode(self, tensors: dict[str, torch.Tensor], client_state: dict, seed: int) -> Payload:

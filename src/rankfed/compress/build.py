@@ -15,12 +15,21 @@ from rankfed.compress.sparsify import check_ratio, topk
 __all__ = ["COMPRESSORS", "build_compressor"]
 
 COMPRESSORS = ("topk", "qsgd")
+# Low-rank compressors carry their own error feedback and are used alone (not in a chain).
+LOWRANK = ("powersgd", "greedylore")
 
 
 def build_compressor(
-    spec: str, *, topk_ratio: float = 0.01, qsgd_bits: int = 8, error_feedback: bool = False
+    spec: str,
+    *,
+    topk_ratio: float = 0.01,
+    qsgd_bits: int = 8,
+    error_feedback: bool = False,
+    compress_rank: int = 4,
+    update_gap: int = 10,
 ) -> Compressor:
-    """Parse ``spec`` (names from :data:`COMPRESSORS` joined by ``"+"``, applied left to right).
+    """Parse ``spec`` (names from :data:`COMPRESSORS` joined by ``"+"``, applied left to right,
+    or one of :data:`LOWRANK` alone).
 
     ``topk_ratio`` and ``qsgd_bits`` are checked even when their compressor is
     not named, so a bad config value is reported wherever it appears.
@@ -28,6 +37,17 @@ def build_compressor(
     if not isinstance(spec, str):
         raise TypeError(f"compressor spec must be a string, got {type(spec).__name__}")
     ratio, bits = check_ratio(topk_ratio), check_bits(qsgd_bits)
+    if isinstance(compress_rank, bool) or not isinstance(compress_rank, int) or compress_rank < 1:
+        raise ValueError(f"compress_rank must be an int >= 1, got {compress_rank!r}")
+    if isinstance(update_gap, bool) or not isinstance(update_gap, int) or update_gap < 1:
+        raise ValueError(f"update_gap must be an int >= 1, got {update_gap!r}")
+    low = spec.strip().lower()
+    if low in LOWRANK:
+        from rankfed.compress.lowrank_uplink import greedylore_uplink, powersgd_uplink
+
+        return powersgd_uplink(compress_rank) if low == "powersgd" else greedylore_uplink(compress_rank, update_gap)
+    if any(part.strip().lower() in LOWRANK for part in spec.split("+")):
+        raise ValueError(f"compressor spec {spec!r}: {' and '.join(LOWRANK)} are used alone, not in a chain")
     makers = {"topk": lambda: topk(ratio=ratio), "qsgd": lambda: qsgd(bits=bits)}
     members: list[Compressor] = []
     if spec.strip():
@@ -36,7 +56,7 @@ def build_compressor(
             if name not in makers:
                 raise ValueError(
                     f"unknown compressor {part.strip()!r} in spec {spec!r}; valid names are "
-                    f"{', '.join(COMPRESSORS)} (joined by '+'), or '' for none"
+                    f"{', '.join(COMPRESSORS)} (joined by '+'), {' or '.join(LOWRANK)} (alone), or '' for none"
                 )
             members.append(makers[name]())
     if not members:

@@ -1,0 +1,121 @@
+"""PowerSGD and GreedyLore as federated *uplink* compressors (one client, one update).
+
+A client compresses its model update alone, so the collective of the
+data-parallel forms (:mod:`rankfed.compress.lowrank`) is the identity and what
+it would all-reduce is sent instead. Each weight matrix (conv kernels as
+(out, in*kh*kw)) with X = update + error becomes two factors A (n x r),
+B (m x r) with X ~ A B^T; the server needs no state (``decompress`` is A @ B^T);
+the client keeps its error X - A B^T (error feedback is part of both methods)
+and the method's own memory. 1-D tensors and matrices where the factors would
+not be at least 2x smaller than the matrix are sent dense.
+
+* ``powersgd``: one power iteration from the client's previous Q (warm start):
+  P = orth(X Q), Q = X^T P; A = P, B = Q.
+* ``greedylore``: every ``update_gap``-th upload of a client (its first
+  included) sends X dense and keeps the SVD basis U of X's smaller side; the
+  other uploads pick the ``rank`` basis directions with the most energy in X
+  (exact: one client has nothing to estimate) and send them with X's
+  projection on them. Unlike in data-parallel training the picked directions
+  travel (the server has no basis of its own), so a greedy upload costs what a
+  PowerSGD one does: the two differ in which subspace they keep.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+
+from rankfed.compress.base import Compressor, check_tensors, read_shape, shape_tensor
+from rankfed.compress.lowrank import _name_seed
+
+__all__ = ["LowRankUplinkState", "powersgd_uplink", "greedylore_uplink"]
+
+
+@dataclass(frozen=True)
+class LowRankUplinkState:
+    error: dict = field(default_factory=dict)  # name -> (n, m) residual
+    q: dict = field(default_factory=dict)  # powersgd: name -> (m, r) warm start
+    basis: dict = field(default_factory=dict)  # greedylore: name -> (s, k)
+    uploads: int = 0
+
+
+def _compressible(t: torch.Tensor, rank: int) -> bool:
+    if t.dim() < 2:
+        return False
+    n, m = t.shape[0], t.numel() // t.shape[0]
+    return 2 * min(rank, n, m) * (n + m) <= n * m
+
+
+def _init(template) -> LowRankUplinkState:
+    return LowRankUplinkState()
+
+
+def _decompress(entries):
+    out = {}
+    for name, value in entries.items():
+        if name.endswith((":A", ":B", ":shape")):
+            continue
+        out[name] = value
+    for name in {k[: -len(":A")] for k in entries if k.endswith(":A")}:
+        a, b = entries[name + ":A"], entries[name + ":B"]
+        out[name] = (a @ b.T).reshape(read_shape(entries[name + ":shape"]))
+    return out
+
+
+def _powersgd_compress(rank, tensors, state, seed):
+    check_tensors(tensors, "powersgd")
+    entries, error, qs = {}, dict(state.error), dict(state.q)
+    for name, t in tensors.items():
+        if not _compressible(t, rank):
+            entries[name] = t
+            continue
+        m = t.reshape(t.shape[0], -1)
+        x = m + error[name] if name in error else m
+        q = qs.get(name)
+        if q is None:
+            r = min(rank, *m.shape)
+            q = torch.randn(m.shape[1], r, generator=torch.Generator().manual_seed(_name_seed(seed, name))).to(m)
+        p, _ = torch.linalg.qr(x @ q)
+        q = x.T @ p
+        error[name] = x - p @ q.T
+        qs[name] = q
+        entries[name + ":A"], entries[name + ":B"], entries[name + ":shape"] = p, q, shape_tensor(t.shape)
+    return entries, LowRankUplinkState(error, qs, state.basis, state.uploads + 1)
+
+
+def _greedylore_compress(rank, update_gap, tensors, state, seed):
+    check_tensors(tensors, "greedylore")
+    entries, error, bases = {}, dict(state.error), dict(state.basis)
+    refresh = state.uploads % update_gap == 0
+    for name, t in tensors.items():
+        if not _compressible(t, rank):
+            entries[name] = t
+            continue
+        m = t.reshape(t.shape[0], -1)
+        x = m + error[name] if name in error else m
+        left = x.shape[0] <= x.shape[1]
+        if refresh or name not in bases:
+            u, _, vh = torch.linalg.svd(x.double(), full_matrices=False)
+            bases[name] = (u if left else vh.T).to(x.dtype)
+            error[name] = torch.zeros_like(x)
+            entries[name] = x.reshape(t.shape)
+            continue
+        xs = x if left else x.T  # (s, l)
+        basis = bases[name]
+        energy = (basis.T @ xs).square().sum(1)  # ||u_i^T X||^2, exact for one client
+        p = basis[:, torch.topk(energy, min(rank, basis.shape[1])).indices]  # (s, r)
+        r_ = p.T @ xs  # (r, l)
+        error[name] = (xs - p @ r_) if left else (xs - p @ r_).T
+        a, b = (p, r_.T) if left else (r_.T, p)  # X ~ A B^T
+        entries[name + ":A"], entries[name + ":B"], entries[name + ":shape"] = a, b, shape_tensor(t.shape)
+    return entries, LowRankUplinkState(error, state.q, bases, state.uploads + 1)
+
+
+def powersgd_uplink(rank: int = 4) -> Compressor:
+    return Compressor("powersgd", _init, partial(_powersgd_compress, rank), _decompress)
+
+
+def greedylore_uplink(rank: int = 4, update_gap: int = 10) -> Compressor:
+    return Compressor("greedylore", _init, partial(_greedylore_compress, rank, update_gap), _decompress)
