@@ -64,15 +64,22 @@ def _decompress(entries):
     return out
 
 
-def _powersgd_compress(rank, tensors, state, seed):
-    check_tensors(tensors, "powersgd")
-    entries, error, qs = {}, dict(state.error), dict(state.q)
+def _matrices(who, rank, tensors, error, entries):
+    """Yield (name, original, X = matrix + error) for each compressible tensor; the others go
+    into ``entries`` dense."""
+    check_tensors(tensors, who)
     for name, t in tensors.items():
         if not _compressible(t, rank):
             entries[name] = t
             continue
         m = t.reshape(t.shape[0], -1)
-        x = m + error[name] if name in error else m
+        yield name, t, (m + error[name] if name in error else m)
+
+
+def _powersgd_compress(rank, tensors, state, seed):
+    entries, error, qs = {}, dict(state.error), dict(state.q)
+    for name, t, x in _matrices("powersgd", rank, tensors, error, entries):
+        m = x
         q = qs.get(name)
         if q is None:
             r = min(rank, *m.shape)
@@ -86,15 +93,9 @@ def _powersgd_compress(rank, tensors, state, seed):
 
 
 def _greedylore_compress(rank, update_gap, tensors, state, seed):
-    check_tensors(tensors, "greedylore")
     entries, error, bases = {}, dict(state.error), dict(state.basis)
     refresh = state.uploads % update_gap == 0
-    for name, t in tensors.items():
-        if not _compressible(t, rank):
-            entries[name] = t
-            continue
-        m = t.reshape(t.shape[0], -1)
-        x = m + error[name] if name in error else m
+    for name, t, x in _matrices("greedylore", rank, tensors, error, entries):
         left = x.shape[0] <= x.shape[1]
         if refresh or name not in bases:
             u, _, vh = torch.linalg.svd(x.double(), full_matrices=False)
