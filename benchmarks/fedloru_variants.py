@@ -2,13 +2,15 @@
 
 The task is the client-scaling study's (benchmarks/fedloru_fmnist.py): Fashion-MNIST,
 the 2NN (784-200-200-10) with fc1 and fc2 factorised, 20 clients, 50% per round,
-batch 32, SGD momentum 0.9, cosine lr, 30 rounds, seed 0; each method family's
-learning rate is the one tuned there (run that first).
+batch 32, SGD momentum 0.9, cosine lr, 30 rounds, seed 0; the learning
+rates are the ones tuned there (run that first): pFedLoRA takes FedAvg's, pFedLoRU and mFedLoRU
+FedLoRU r64's, FedHM FedHM r64's.
 
 * Table 3 setting: Dirichlet(0.1) and Dirichlet(0.5) labels, 20% of each client's
   data held out for its personalised accuracy; 1 personal epoch and 4 global epochs
-  (pFedLoRA(2): 5 epochs on both together). pFedLoRU: global rank 64, personal
-  rank 16, alpha 16, tau 10; pFedLoRA: personal rank 16, alpha 16, full model shared.
+  (pFedLoRA(2): 5 epochs on both together). pFedLoRU: global rank 64 with alpha 16,
+  personal rank 16 with alpha 4 (the same scale alpha / rank = 0.25 as the global pair,
+  which the lr was tuned for), tau 10; pFedLoRA: personal rank 16, alpha 16, full model shared.
 * Table 4 setting: IID, 5 local epochs, two tier tables of clients (the paper's
   Table A1 is not in our copy, so these are ours): setting 1, half the clients
   nested rank 8 and half plain FedLoRU rank 64; setting 2, a quarter each nested
@@ -39,7 +41,7 @@ BASE = {"task.model": "mlp", "task.dataset": "fmnist", "federation.clients": 20}
 PERSONAL = {
     "pFedLoRA(1)": ("FedAvg", {"algorithm.name": "pfedlora", "algorithm.variant": 1, "algorithm.rank": 16, "algorithm.alpha": 16.0, **LOWRANK}),
     "pFedLoRA(2)": ("FedAvg", {"algorithm.name": "pfedlora", "algorithm.variant": 2, "algorithm.rank": 16, "algorithm.alpha": 16.0, **LOWRANK}),
-    "pFedLoRU": ("FedLoRU", {"algorithm.name": "pfedloru", "algorithm.rank": 64, "algorithm.alpha": 16.0, "algorithm.tau": 10, "algorithm.personal_rank": 16, "algorithm.personal_alpha": 16.0, **LOWRANK}),
+    "pFedLoRU": ("FedLoRU r64", {"algorithm.name": "pfedloru", "algorithm.rank": 64, "algorithm.alpha": 16.0, "algorithm.tau": 10, "algorithm.personal_rank": 16, "algorithm.personal_alpha": 4.0, **LOWRANK}),
 }
 # The paper's Table 3 (CIFAR-100): its alpha column is lost in our copy; the rows in order.
 PAPER_TABLE3 = [{"pFedLoRA(1)": 45.36, "pFedLoRA(2)": 47.45, "pFedLoRU": 49.65}, {"pFedLoRA(1)": 42.14, "pFedLoRA(2)": 42.28, "pFedLoRU": 46.50}]
@@ -74,10 +76,10 @@ def fedhm_tiers(tiers: list[dict]) -> list[dict]:
     return [{"fraction": t["fraction"], "rank": fedhm_rank_matching(mfedloru_params(t["rank_a"], t["rank_b"]))} for t in tiers]
 
 
-def tuned_lr(family: str) -> float:
-    """The lr benchmarks/fedloru_fmnist.py picked for a family (best non-diverged tuning run)."""
+def tuned_lr(method: str) -> float:
+    """The lr benchmarks/fedloru_fmnist.py picked for a method (best non-diverged tuning run)."""
     best = None
-    for d in TUNE.glob(f"{family}-*"):
+    for d in TUNE.glob(f"{method.replace(' ', '-')}-lr*"):
         s = json.loads((d / "summary.json").read_text())
         if s.get("status") == "diverged" or s.get("best_accuracy") is None:
             continue
@@ -85,7 +87,7 @@ def tuned_lr(family: str) -> float:
         if best is None or s["best_accuracy"] > best[1]:
             best = (lr, s["best_accuracy"])
     if best is None:
-        raise SystemExit(f"no tuning runs for {family} under {TUNE}: run benchmarks/fedloru_fmnist.py first")
+        raise SystemExit(f"no tuning runs for {method} under {TUNE}: run benchmarks/fedloru_fmnist.py first")
     return best[0]
 
 
@@ -107,19 +109,37 @@ def _jobs_table4(args):
         common = {"task.partition": "iid", "federation.rounds": args.rounds, **LOWRANK}
         out[("mFedLoRU", setting)] = (
             RUNS / "table4" / f"mFedLoRU-{setting.replace(' ', '')}-r{args.rounds}",
-            {**common, "algorithm.name": "mfedloru", "algorithm.rank": RANK, "algorithm.alpha": 16.0, "algorithm.tau": 10, "algorithm.tiers": tiers, "client.lr": tuned_lr("FedLoRU")},
+            {**common, "algorithm.name": "mfedloru", "algorithm.rank": RANK, "algorithm.alpha": 16.0, "algorithm.tau": 10, "algorithm.tiers": tiers, "client.lr": tuned_lr("FedLoRU r64")},
         )
         out[("FedHM", setting)] = (
             RUNS / "table4" / f"FedHM-{setting.replace(' ', '')}-r{args.rounds}",
-            {**common, "algorithm.name": "fedhm", "algorithm.tiers": fedhm_tiers(tiers), "client.lr": tuned_lr("FedHM")},
+            {**common, "algorithm.name": "fedhm", "algorithm.tiers": fedhm_tiers(tiers), "client.lr": tuned_lr("FedHM r64")},
         )
     return out
 
 
+FALLBACK = 3  # a run that diverges at its lr is run again at lr / FALLBACK (marked in the tables)
+
+
+def _fallback(folder: Path, sets: dict) -> tuple[Path, dict]:
+    lr = sets["client.lr"] / FALLBACK
+    return folder.with_name(f"{folder.name}-lr{lr:g}"), {**sets, "client.lr": lr}
+
+
+def _resolved(folder: Path, sets: dict) -> tuple[Path, bool]:
+    """The run standing for a job: its own, or its fallback if it diverged."""
+    if json.loads((folder / "summary.json").read_text()).get("status") == "diverged":
+        return _fallback(folder, sets)[0], True
+    return folder, False
+
+
 def run_all(args) -> None:
     jobs = Jobs(CONFIG, BASE, args.workers, args.deadline)
-    futures = [jobs.submit(folder, sets) for folder, sets in [*_jobs_table3(args).values(), *_jobs_table4(args).values()]]
+    todo = [*_jobs_table3(args).values(), *_jobs_table4(args).values()]
+    futures = [jobs.submit(folder, sets) for folder, sets in todo]
     done = sum(f.result() is not None for f in futures)
+    retries = [jobs.submit(*_fallback(folder, sets)) for folder, sets in todo if (folder / "summary.json").is_file() and _resolved(folder, sets)[1]]
+    done -= sum(f.result() is None for f in retries)
     print(f"{done}/{len(futures)} runs finished", flush=True)
     if done == len(futures):
         report(args)
@@ -127,6 +147,19 @@ def run_all(args) -> None:
 
 def _summary(folder: Path) -> dict:
     return json.loads((folder / "summary.json").read_text())
+
+
+def _final(job: tuple[Path, dict]) -> tuple[dict, str]:
+    """The summary standing for a job, and its mark (the fallback lr, if it took one)."""
+    folder, fell_back = _resolved(*job)
+    s = _summary(folder)
+    return s, (f" †lr {_fallback(*job)[1]['client.lr']:g}" if fell_back else "")
+
+
+def _acc_cell(s: dict) -> str:
+    if s.get("final_accuracy") is None:
+        return f"diverged in round {s.get('diverged_at_round')}"
+    return f"{100 * s['final_accuracy']:.2f} ({100 * s['best_accuracy']:.2f})"
 
 
 def report(args) -> None:
@@ -138,29 +171,32 @@ def report(args) -> None:
     for m in PERSONAL:
         cells = []
         for alpha in (0.1, 0.5):
-            s = _summary(t3[(m, alpha)][0])
-            status = "" if s.get("status", "completed") == "completed" else f" ({s['status']} at round {s.get('diverged_at_round')})"
+            s, fell = _final(t3[(m, alpha)])
+            status = fell + ("" if s.get("status", "completed") == "completed" else f" ({s['status']} at round {s.get('diverged_at_round')})")
+            if s.get("final_personal_accuracy") is None:
+                cells += [f"diverged{status}", "-"]
+                continue
             cells.append(f"{100 * s['final_personal_accuracy']:.2f} ({100 * s['best_personal_accuracy']:.2f}){status}")
             cells.append(f"{100 * s['final_accuracy']:.2f}")
-        params = _summary(t3[(m, 0.1)][0])["mean_uplink_bytes_per_upload"] / 4
+        params = _final(t3[(m, 0.1)])[0]["mean_uplink_bytes_per_upload"] / 4
         lines3.append(f"| {m} | {params / 1e3:.1f}k | " + " | ".join(cells) + f" | {PAPER_TABLE3[0][m]} | {PAPER_TABLE3[1][m]} |")
 
     t4 = _jobs_table4(args)
     lines4 = ["| setting | tiers (mFedLoRU) | FedHM tier ranks | FedHM final (best) | mFedLoRU final (best) | uplink per upload by tier: FedHM / mFedLoRU | paper CIFAR-10 FedHM / mFedLoRU | paper CIFAR-100 FedHM / mFedLoRU |", "|---|---|---|---|---|---|---|---|"]
     for setting, tiers in SETTINGS.items():
-        fh, mf = _summary(t4[("FedHM", setting)][0]), _summary(t4[("mFedLoRU", setting)][0])
+        (fh, fh_mark), (mf, mf_mark) = _final(t4[("FedHM", setting)]), _final(t4[("mFedLoRU", setting)])
         tier_txt = "; ".join(f"{t['fraction']:g}: " + (f"r_A = r_B = {t['rank_a']}" if t["rank_a"] else "plain FedLoRU") for t in tiers)
         fh_ranks = ", ".join(f"{t['fraction']:g}: {t['rank']}" for t in fedhm_tiers(tiers))
         kb = lambda d: ", ".join(f"{v / 1e3:.0f} kB" for v in d.values())  # noqa: E731
         p = PAPER_TABLE4[setting]
         lines4.append(
-            f"| {setting} | {tier_txt} | {fh_ranks} | {100 * fh['final_accuracy']:.2f} ({100 * fh['best_accuracy']:.2f}) | {100 * mf['final_accuracy']:.2f} ({100 * mf['best_accuracy']:.2f}) | "
+            f"| {setting} | {tier_txt} | {fh_ranks} | {_acc_cell(fh)}{fh_mark} | {_acc_cell(mf)}{mf_mark} | "
             f"{kb(fh['uplink_bytes_per_upload_by_tier'])} / {kb(mf['uplink_bytes_per_upload_by_tier'])} | {p['FedHM'][0]} / {p['mFedLoRU'][0]} | {p['FedHM'][1]} / {p['mFedLoRU'][1]} |"
         )
-    machines = sorted({f"{s['machine']} ({s['device']}, torch {s['torch']})" for s in map(_summary, [f for f, _ in [*t3.values(), *t4.values()]])})
+    machines = sorted({f"{s['machine']} ({s['device']}, torch {s['torch']})" for s in (_final(j)[0] for j in [*t3.values(), *t4.values()])})
     body = f"""Fashion-MNIST, 2NN with fc1 and fc2 factorised, 20 clients, 50% per round, {args.rounds} rounds, batch 32,
-SGD momentum 0.9, cosine lr (each family's lr tuned in the scaling study: pFedLoRA {tuned_lr('FedAvg')}, pFedLoRU and
-mFedLoRU {tuned_lr('FedLoRU')}, FedHM {tuned_lr('FedHM')}), seed 0. Runs: `rankfed run configs/fedloru_fmnist.toml --set ...`,
+SGD momentum 0.9, cosine lr (the lr tuned in the scaling study for the nearest method there: pFedLoRA FedAvg's
+{tuned_lr('FedAvg')}, pFedLoRU and mFedLoRU FedLoRU r64's {tuned_lr('FedLoRU r64')}, FedHM FedHM r64's {tuned_lr('FedHM r64')}), seed 0. Runs: `rankfed run configs/fedloru_fmnist.toml --set ...`,
 commands in each summary.json under benchmarks/runs/fedloru_variants/. Executed on: {'; '.join(machines)}.
 
 ### pFedLoRU vs pFedLoRA (paper Table 3 setting, scaled)
@@ -171,6 +207,7 @@ pair) on its own held-out 20%; global test: the shared model on the 10,000 test 
 {chr(10).join(lines3)}
 
 The paper's figures are CIFAR-100 / ResNet-18 (its alpha column is lost in our copy; row 1 and row 2 in its order).
+†: the run diverged at its lr and was run again at a third of it (the lr given).
 
 ### mFedLoRU vs heterogeneous FedHM (paper Table 4 setting, scaled)
 
