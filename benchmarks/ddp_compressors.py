@@ -75,10 +75,30 @@ def main() -> None:
     for (comp, rank), s in results.items():
         step = sum(s["mean_step_s_per_worker"]) / len(s["mean_step_s_per_worker"])
         dstep = sum(dense["mean_step_s_per_worker"]) / len(dense["mean_step_s_per_worker"])
+        if s.get("status") == "diverged":
+            lines.append(f"| {comp} | {rank or '-'} | diverged at step {s['diverged_at_step']} | - | {s['mean_bytes_per_step'] / 1e3:.1f} kB | {100 * s['bytes_vs_dense']:.1f}% | - | - |")
+            continue
         lines.append(
             f"| {comp}{' (bytes by rule)' if comp == 'torch-powersgd' else ''} | {rank or '-'} | {100 * s['final_accuracy']:.2f}% | {100 * s['best_accuracy']:.2f}% | "
             f"{s['mean_bytes_per_step'] / 1e3:.1f} kB | {100 * s['bytes_vs_dense']:.1f}% | {1e3 * step:.1f} ms | {step / dstep:.2f}x |"
         )
+
+    def acc(comp, r):
+        s = results[(comp, r)]
+        return None if s.get("status") == "diverged" else s["final_accuracy"]
+
+    wins = []
+    for r in RANKS:
+        g, p, t = acc("greedylore", r), acc("powersgd", r), acc("torch-powersgd", r)
+        others = [a for a in (p, t) if a is not None]
+        if g is not None and others:
+            wins.append(f"rank {r}: GreedyLore {100 * g:.2f}% vs best PowerSGD {100 * max(others):.2f}% ({'ahead' if g > max(others) else 'behind'})")
+        else:
+            wins.append(f"rank {r}: GreedyLore {'diverged' if g is None else f'{100 * g:.2f}%'}")
+    verdict = "; ".join(wins) + (
+        ". GreedyLore sends k + r·max(n, m) numbers per matrix and PowerSGD r·(n + m), so at equal rank their bytes differ"
+        " slightly; compare along the bytes axis of the plot."
+    )
 
     import matplotlib
 
@@ -87,9 +107,12 @@ def main() -> None:
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for comp, marker in zip(COMPRESSORS, "o^s"):
-        pts = [(results[(comp, r)]["mean_bytes_per_step"] / 1e3, 100 * results[(comp, r)]["final_accuracy"]) for r in RANKS]
+        done = [r for r in RANKS if results[(comp, r)].get("status") != "diverged"]
+        pts = [(results[(comp, r)]["mean_bytes_per_step"] / 1e3, 100 * results[(comp, r)]["final_accuracy"]) for r in done]
+        if not pts:
+            continue
         ax.plot(*zip(*pts), marker + "-", label=comp)
-        for r, (b, a) in zip(RANKS, pts):
+        for r, (b, a) in zip(done, pts):
             ax.annotate(f"r{r}", (b, a), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.axhline(100 * dense["final_accuracy"], color="k", ls="--", lw=0.8, label=f"dense ({dense['mean_bytes_per_step'] / 1e3:.0f} kB/step)")
     ax.set_xscale("log")
@@ -107,9 +130,11 @@ lr 0.05, {args.steps} steps, seed 0; low-rank compressors: 10 dense warm-up step
 subspace every 100 steps. Bytes are the numbers each worker puts into all-reduces x 4 (torch's hook: counted by its
 documented compression rule, not measured). Step time: forward, backward, communication and optimiser step, mean over
 workers; the workers share the machine's cores. Runs: `rankfed ddp benchmarks/runs/ddp_compressors/config.toml ...`,
-commands in each summary.json.
+commands in each summary.json. A run whose weights or gradients turn non-finite stops there ("diverged").
 
 {chr(10).join(lines)}
+
+**Here:** {verdict}
 
 ![accuracy vs bytes](results/ddp_compressors.png)
 """

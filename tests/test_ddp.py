@@ -29,18 +29,28 @@ def _grad_worker(rank, init_file, mode, out, steps):
         ddp = DDP(model)
         if mode == "none":
             ddp.register_comm_hook(LowRankHookState.for_model(model, "none"), lowrank_hook)
+        elif mode == "greedylore-r2":
+            state = LowRankHookState.for_model(model, "greedylore", rank=2, update_gap=3, warmup_steps=1, min_saving=0)
+            ddp.register_comm_hook(state, greedylore_hook)
         elif mode == "greedylore-full":
             # every 2-D weight compressed (min_saving 0) at a rank >= min(n, m)
             state = LowRankHookState.for_model(model, "greedylore", rank=64, update_gap=2, warmup_steps=0, min_saving=0)
             ddp.register_comm_hook(state, greedylore_hook)
         g = torch.Generator().manual_seed(rank)
+        local = _model()  # the same weights without DDP: this worker's own gradient
         grads = []
         for _ in range(steps):  # no optimiser step: the same weights, new data each step
             x = torch.randn(16, 2, 8, 8, generator=g)
             y = torch.randint(0, 3, (16,), generator=g)
             ddp.zero_grad()
             F.cross_entropy(ddp(x), y).backward()
-            grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+            local.zero_grad()
+            F.cross_entropy(local(x), y).backward()
+            record = {n: p.grad.clone() for n, p in model.named_parameters()}
+            record.update({f"local:{n}": p.grad.clone() for n, p in local.named_parameters()})
+            if mode == "greedylore-r2":
+                record.update({f"error:{n}": e.clone() for n, e in state.lowrank.error.items()})
+            grads.append(record)
         torch.save(grads, os.path.join(out, f"{mode}-{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -59,6 +69,24 @@ def test_hook_equals_plain_allreduce(tmp_path, mode):
         for step in range(3):  # greedylore-full: refresh, projected, refresh
             for name, value in plain[rank][step].items():
                 torch.testing.assert_close(hooked[rank][step][name], value, rtol=1e-4, atol=1e-6)
+
+
+def test_error_buffer_is_what_was_not_sent_on_two_processes(tmp_path):
+    runs = _grads(tmp_path, "greedylore-r2", steps=5)  # step 0 dense warm-up, 1 and 4 refresh, 2 and 3 greedy
+    compressed = [k.split(":", 1)[1] for k in runs[0][-1] if k.startswith("error:")]
+    assert set(compressed) == {"0.weight", "3.weight", "5.weight"}
+    errors_before = [{n: torch.zeros_like(runs[r][0][n]).reshape(runs[r][0][n].shape[0], -1) for n in compressed} for r in range(WORLD)]
+    for step in range(5):
+        for n in compressed:
+            shape = runs[0][step][n].shape
+            x = [runs[r][step][f"local:{n}"].reshape(shape[0], -1) + errors_before[r][n] for r in range(WORLD)]
+            e = [runs[r][step].get(f"error:{n}", torch.zeros_like(x[r])) for r in range(WORLD)]
+            applied = runs[0][step][n].reshape(shape[0], -1)
+            # the mean of what the workers had to send = what was applied + the mean of what they kept
+            torch.testing.assert_close(applied + sum(e) / WORLD, sum(x) / WORLD, rtol=1e-4, atol=1e-6)
+            for r in range(WORLD):
+                errors_before[r][n] = e[r]
+    assert any(runs[0][2][f"error:{n}"].abs().max() > 0 for n in compressed)  # the greedy steps did leave something
 
 
 def _train_worker(rank, init_file, compressor, out):
@@ -137,3 +165,15 @@ def test_rankfed_ddp_writes_a_run_folder_that_plot_reads(tmp_path):
     assert main(["-q", "plot", str(tmp_path / "none"), str(tmp_path / "greedylore"), "--out", str(tmp_path / "p.png")]) == 0
     assert (tmp_path / "p.png").stat().st_size > 0
     assert main(["-q", "ddp", str(cfg), "--compressor", "topk", "--out", str(tmp_path / "bad")]) == 2
+
+
+def test_rankfed_ddp_stops_a_diverging_run_cleanly(tmp_path, capsys):
+    from rankfed.cli import main
+
+    cfg = tmp_path / "exp.toml"
+    cfg.write_text('[task]\ndataset = "digits"\nmodel = "mlp"\n[client]\nlr = 1e30\nbatch_size = 32\n')
+    out = tmp_path / "run"
+    assert main(["-q", "ddp", str(cfg), "--workers", "2", "--compressor", "greedylore", "--steps", "40", "--warmup", "1", "--update-gap", "2", "--out", str(out)]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["status"] == "diverged" and 1 <= s["diverged_at_step"] <= 40 and s["final_accuracy"] is None
+    assert "diverged at step" in capsys.readouterr().err

@@ -241,6 +241,10 @@ def main(argv: list[str] | None = None) -> int:
             if not args.quiet:
                 err.print(f"ddp: {opts.workers} workers ({opts.backend}), {opts.compressor}, {opts.steps} steps", highlight=False)
             s = run_ddp(cfg, opts, out, overwrite=args.overwrite, command="rankfed " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+            if s["status"] == "diverged":
+                err.print(f"rankfed: warning: training diverged at step {s['diverged_at_step']} (non-finite weights or gradients; try a lower lr); the run stopped there", highlight=False)
+                console.print(f"ddp-{opts.compressor}: diverged at step {s['diverged_at_step']}; run folder {out}", highlight=False)
+                return 0
             console.print(
                 f"ddp-{opts.compressor}: final accuracy {100 * s['final_accuracy']:.2f}% after {s['steps']} steps; "
                 f"{s['mean_bytes_per_step'] / 1e3:.1f} kB per step per worker ({100 * s['bytes_vs_dense']:.1f}% of dense); "

@@ -121,6 +121,8 @@ def _worker(rank: int, cfg: ExperimentConfig, opts: DdpOptions, init_file: str, 
         order, pos = torch.randperm(len(y), generator=gen), 0
         cum_numbers, step_times, t_start = 0, [], time.perf_counter()
         metrics = []
+        params = list(model.parameters())
+        diverged_at = None
         for step in range(1, opts.steps + 1):
             if pos + c.batch_size > len(order):
                 order, pos = torch.randperm(len(y), generator=gen), 0
@@ -128,11 +130,19 @@ def _worker(rank: int, cfg: ExperimentConfig, opts: DdpOptions, init_file: str, 
             pos += c.batch_size
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
-            F.cross_entropy(ddp(x[idx]), y[idx]).backward()
+            try:
+                F.cross_entropy(ddp(x[idx]), y[idx]).backward()
+            except FloatingPointError:  # a compressor saw non-finite averaged gradients (on every worker)
+                diverged_at = step
+                break
             opt.step()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             step_times.append(time.perf_counter() - t0)
+            # The replicas are identical, so every worker takes the same decision without talking.
+            if not bool(torch.isfinite(torch.stack(torch._foreach_norm(params))).all()):
+                diverged_at = step
+                break
             if state is not None:
                 sent = state.lowrank.stats.last_sent
             elif opts.compressor == "torch-powersgd":
@@ -156,9 +166,10 @@ def _worker(rank: int, cfg: ExperimentConfig, opts: DdpOptions, init_file: str, 
                 with open(os.path.join(out, "metrics.jsonl"), "a", encoding="utf-8") as f:
                     f.write(json.dumps(row) + "\n")
         gathered: list = [None] * opts.workers
-        dist.all_gather_object(gathered, {"mean_step_s": sum(step_times) / len(step_times), "cum_numbers": cum_numbers})
+        dist.all_gather_object(gathered, {"mean_step_s": sum(step_times) / max(len(step_times), 1), "cum_numbers": cum_numbers})
         if rank == 0:
-            best = max(metrics, key=lambda r: r["accuracy"])
+            best = max(metrics, key=lambda r: r["accuracy"]) if metrics else {"accuracy": None, "round": None}
+            steps_done = len(step_times)
             summary = {
                 "mode": "ddp",
                 "algorithm": f"ddp-{opts.compressor}",
@@ -168,14 +179,16 @@ def _worker(rank: int, cfg: ExperimentConfig, opts: DdpOptions, init_file: str, 
                 "num_parameters": dense_numbers,
                 "workers": opts.workers,
                 "backend": opts.backend,
-                "steps": opts.steps,
+                "steps": steps_done,
+                "status": "completed" if diverged_at is None else "diverged",
+                "diverged_at_step": diverged_at,
                 "batch_size_per_worker": c.batch_size,
                 "best_accuracy": best["accuracy"],
                 "best_round": best["round"],
-                "final_accuracy": metrics[-1]["accuracy"],
-                "mean_bytes_per_step": 4 * cum_numbers / opts.steps,
+                "final_accuracy": metrics[-1]["accuracy"] if metrics and diverged_at is None else None,
+                "mean_bytes_per_step": 4 * cum_numbers / max(steps_done, 1),
                 "dense_bytes_per_step": 4 * dense_numbers,
-                "bytes_vs_dense": cum_numbers / (dense_numbers * opts.steps),
+                "bytes_vs_dense": cum_numbers / (dense_numbers * max(steps_done, 1)),
                 "bytes_counted": "by torch's documented rule" if opts.compressor == "torch-powersgd" else "measured by the hook",
                 "mean_step_s_per_worker": [g["mean_step_s"] for g in gathered],
                 "device": str(device),

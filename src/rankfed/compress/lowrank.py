@@ -208,6 +208,8 @@ class _GreedyLore(_Base):
         out, sent = {}, 0
         # Semi-lazy refresh: X sent dense (one all-reduce), the basis of the average's smaller side kept.
         for n, avg in zip(refresh, allreduce_many([xs[n] for n in refresh], allreduce)):
+            if not bool(torch.isfinite(avg).all()):  # the same average on every worker: all stop here
+                raise FloatingPointError(f"greedylore: non-finite averaged gradient for {n!r} (training diverged)")
             u, _, vh = torch.linalg.svd(avg.double(), full_matrices=False)
             state.basis[n] = (u if avg.shape[0] <= avg.shape[1] else vh.T).to(avg.dtype)  # (smaller side, k)
             state.error[n] = torch.zeros_like(avg)
