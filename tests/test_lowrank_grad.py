@@ -96,13 +96,16 @@ def test_greedylore_picks_the_directions_with_the_most_energy():
     u, _ = torch.linalg.qr(torch.randn(8, 8, dtype=torch.float64))
     v, _ = torch.linalg.qr(torch.randn(40, 40, dtype=torch.float64))
     g = 5 * torch.outer(u[:, 1], v[:, 0]) + 3 * torch.outer(u[:, 6], v[:, 1]) + 0.1 * u[:, :8] @ v[:, 2:10].T
-    comp = greedylore(rank=2, update_gap=100, min_saving=0)
-    state = comp.init()
-    ident = lambda t: t.clone()  # noqa: E731  (one worker: the mean is itself)
-    comp.reduce({"w": g}, state, ident, 0)  # refresh: basis from g's SVD
-    out, state = comp.reduce({"w": g}, state, ident, 0)
-    top2 = u[:, [1, 6]]
-    torch.testing.assert_close(out["w"], top2 @ top2.T @ g, rtol=1e-9, atol=1e-9)
+    for exact in (False, True):  # probe estimates and exact energies agree on so clear a case
+        comp = greedylore(rank=2, update_gap=100, min_saving=0, exact_scores=exact)
+        state = comp.init()
+        ident = lambda t: t.clone()  # noqa: E731  (one worker: the mean is itself)
+        comp.reduce({"w": g}, state, ident, 0)  # refresh: basis from g's SVD
+        out, state = comp.reduce({"w": g}, state, ident, 0)
+        top2 = u[:, [1, 6]]
+        torch.testing.assert_close(out["w"], top2 @ top2.T @ g, rtol=1e-9, atol=1e-9)
+        # exact scores all-reduce U^T X (8 x 40) instead of 8 probes; R is 2 x 40 either way
+        assert state.stats.last_sent == (8 * 40 if exact else 8) + 2 * 40
 
 
 def test_bad_arguments_name_the_value():

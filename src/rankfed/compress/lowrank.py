@@ -184,8 +184,9 @@ def powersgd(rank: int = 4, min_saving: float = 2.0, **_: object) -> _Base:
 class _GreedyLore(_Base):
     name = "greedylore"
 
-    def __init__(self, rank: int = 4, update_gap: int = 100, warmup_steps: int = 0, min_saving: float = 2.0):
+    def __init__(self, rank: int = 4, update_gap: int = 100, warmup_steps: int = 0, min_saving: float = 2.0, exact_scores: bool = False):
         super().__init__(rank, min_saving)
+        self.exact_scores = bool(exact_scores)  # all-reduce U^T X (k * l numbers) instead of k probes
         if isinstance(update_gap, bool) or not isinstance(update_gap, int) or update_gap < 1:
             raise ValueError(f"update_gap must be an int >= 1, got {update_gap!r}")
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
@@ -224,10 +225,16 @@ class _GreedyLore(_Base):
             x = xs[n]
             xss[n] = x if x.shape[0] <= x.shape[1] else x.T  # (s, l): project on the smaller side
             basis = state.basis[n]
+            if self.exact_scores:
+                probes.append(basis.T @ xss[n])  # (k, l): averaged, its squared row norms are the energies
+                continue
             gen = torch.Generator().manual_seed(_name_seed(seed + state.step, n))
             z = torch.randn(basis.shape[1], xss[n].shape[1], generator=gen).to(device=x.device, dtype=x.dtype)
             probes.append(((basis.T @ xss[n]) * z).sum(1))
         scores = allreduce_many(probes, allreduce)
+        if self.exact_scores:
+            sent += sum(p.numel() - p.shape[0] for p in probes)  # beyond the k counted below
+            scores = [p.square().sum(1).sqrt() for p in scores]
         ps, r_local = {}, []
         for n, score in zip(lazy, scores):
             basis = state.basis[n]
@@ -246,9 +253,10 @@ class _GreedyLore(_Base):
         return out, sent
 
 
-def greedylore(rank: int = 4, update_gap: int = 100, warmup_steps: int = 0, min_saving: float = 2.0) -> _Base:
-    """GreedyLore: greedy top-r directions of a lazily refreshed SVD basis, with error feedback."""
-    return _GreedyLore(rank, update_gap, warmup_steps, min_saving)
+def greedylore(rank: int = 4, update_gap: int = 100, warmup_steps: int = 0, min_saving: float = 2.0, exact_scores: bool = False) -> _Base:
+    """GreedyLore: greedy top-r directions of a lazily refreshed SVD basis, with error feedback.
+    ``exact_scores`` all-reduces U^T X (k * max side numbers) for the exact energies (a diagnostic)."""
+    return _GreedyLore(rank, update_gap, warmup_steps, min_saving, exact_scores)
 
 
 LOWRANK_COMPRESSORS = {"none": dense, "powersgd": powersgd, "greedylore": greedylore}
