@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -146,6 +148,12 @@ def test_hook_state_pickles_and_rejects_unknown_compressors():
         LowRankHookState("topk")
 
 
+def _rankfed(*args: str) -> subprocess.CompletedProcess:
+    """`rankfed ...` in its own process, as a user runs it (worker processes spawned from
+    inside pytest's captured process have aborted in gloo's teardown on some runs)."""
+    return subprocess.run([sys.executable, "-m", "rankfed", *args], capture_output=True, text=True, timeout=600)
+
+
 def test_rankfed_ddp_writes_a_run_folder_that_plot_reads(tmp_path):
     from rankfed.cli import main
 
@@ -154,7 +162,8 @@ def test_rankfed_ddp_writes_a_run_folder_that_plot_reads(tmp_path):
     runs = []
     for comp in ("none", "greedylore", "torch-powersgd"):
         out = tmp_path / comp
-        assert main(["-q", "ddp", str(cfg), "--workers", "2", "--compressor", comp, "--rank", "2", "--steps", "30", "--eval-every", "10", "--warmup", "5", "--out", str(out)]) == 0
+        r = _rankfed("-q", "ddp", str(cfg), "--workers", "2", "--compressor", comp, "--rank", "2", "--steps", "30", "--eval-every", "10", "--warmup", "5", "--out", str(out))
+        assert r.returncode == 0, r.stderr
         s = json.loads((out / "summary.json").read_text())
         rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
         assert [r["round"] for r in rows] == [10, 20, 30] and s["steps"] == 30 and len(s["mean_step_s_per_worker"]) == 2
@@ -167,13 +176,12 @@ def test_rankfed_ddp_writes_a_run_folder_that_plot_reads(tmp_path):
     assert main(["-q", "ddp", str(cfg), "--compressor", "topk", "--out", str(tmp_path / "bad")]) == 2
 
 
-def test_rankfed_ddp_stops_a_diverging_run_cleanly(tmp_path, capsys):
-    from rankfed.cli import main
-
+def test_rankfed_ddp_stops_a_diverging_run_cleanly(tmp_path):
     cfg = tmp_path / "exp.toml"
     cfg.write_text('[task]\ndataset = "digits"\nmodel = "mlp"\n[client]\nlr = 1e30\nbatch_size = 32\n')
     out = tmp_path / "run"
-    assert main(["-q", "ddp", str(cfg), "--workers", "2", "--compressor", "greedylore", "--steps", "40", "--warmup", "1", "--update-gap", "2", "--out", str(out)]) == 0
+    r = _rankfed("-q", "ddp", str(cfg), "--workers", "2", "--compressor", "greedylore", "--steps", "40", "--warmup", "1", "--update-gap", "2", "--out", str(out))
+    assert r.returncode == 0, r.stderr
     s = json.loads((out / "summary.json").read_text())
     assert s["status"] == "diverged" and 1 <= s["diverged_at_step"] <= 40 and s["final_accuracy"] is None
-    assert "diverged at step" in capsys.readouterr().err
+    assert "diverged at step" in r.stderr

@@ -209,8 +209,13 @@ class _GreedyLore(_Base):
         out, sent = {}, 0
         # Semi-lazy refresh: X sent dense (one all-reduce), the basis of the average's smaller side kept.
         for n, avg in zip(refresh, allreduce_many([xs[n] for n in refresh], allreduce)):
-            if not bool(torch.isfinite(avg).all()):  # the same average on every worker: all stop here
-                raise FloatingPointError(f"greedylore: non-finite averaged gradient for {n!r} (training diverged)")
+            if not bool(torch.isfinite(avg).all()):
+                # Training diverged: pass the non-finite average through (the caller's finiteness check
+                # stops the run) rather than raise inside a DDP hook; the basis is left as it was.
+                out[n] = avg.reshape(grads[n].shape)
+                sent += avg.numel()
+                state.basis.setdefault(n, torch.eye(min(avg.shape), dtype=avg.dtype, device=avg.device))
+                continue
             u, _, vh = torch.linalg.svd(avg.double(), full_matrices=False)
             state.basis[n] = (u if avg.shape[0] <= avg.shape[1] else vh.T).to(avg.dtype)  # (smaller side, k)
             state.error[n] = torch.zeros_like(avg)
