@@ -54,6 +54,8 @@ def _grad_worker(rank, init_file, mode, out, steps):
                 record.update({f"error:{n}": e.clone() for n, e in state.lowrank.error.items()})
             grads.append(record)
         torch.save(grads, os.path.join(out, f"{mode}-{rank}.pt"))
+        dist.barrier()
+        del ddp  # the reducer before the group (see rankfed.ddp_run)
     finally:
         dist.destroy_process_group()
 
@@ -122,6 +124,8 @@ def _train_worker(rank, init_file, compressor, out):
             acc = (model(x[test]).argmax(1) == y[test]).float().mean().item()
         ratio = state.lowrank.stats.ratio if state is not None else 1.0
         torch.save({"acc": acc, "ratio": ratio}, os.path.join(out, f"train-{compressor}-{rank}.pt"))
+        dist.barrier()
+        del ddp, opt
     finally:
         dist.destroy_process_group()
 

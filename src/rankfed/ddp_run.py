@@ -19,6 +19,7 @@ into all-reduces so far (numbers x 4; the all-reduce returns as many, counted as
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import platform
@@ -193,6 +194,12 @@ def _worker(rank: int, cfg: ExperimentConfig, opts: DdpOptions, init_file: str, 
                 "rankfed": rankfed.__version__,
             }
             Path(result_file).write_text(json.dumps(summary))
+        # Tear down in order: every worker done, DDP's reducer (which holds the group and
+        # pending work) gone, then the group. Destroying the group under a live reducer
+        # aborted a worker now and then ("terminate called without an active exception").
+        dist.barrier()
+        del ddp, opt, state
+        gc.collect()
     finally:
         dist.destroy_process_group()
 
