@@ -184,6 +184,8 @@ class LoRALayer(nn.Module):
     up: nn.Linear | nn.Conv2d
     _merged_delta: torch.Tensor | None
 
+    wraps: type[nn.Module]  # the layer type a subclass wraps
+
     def __init__(
         self,
         base_layer: nn.Linear | nn.Conv2d,
@@ -192,7 +194,11 @@ class LoRALayer(nn.Module):
         *,
         freeze_down: bool = False,
         train_bias: bool = True,
+        generator: torch.Generator | None = None,
     ) -> None:
+        if not isinstance(base_layer, self.wraps):
+            raise TypeError(f"{type(self).__name__} wraps nn.{self.wraps.__name__}, got {type(base_layer).__name__}")
+        _check_wrappable(base_layer, rank, "(unnamed)")
         super().__init__()
         self.base_layer = base_layer
         self.rank = int(rank)
@@ -208,9 +214,8 @@ class LoRALayer(nn.Module):
         # The exact tensor the last merge added, kept only while `merged` so that
         # unmerge subtracts precisely it. Non-persistent: moves with .to(), not saved.
         self.register_buffer("_merged_delta", None, persistent=False)
-
-    def _finish_init(self, generator: torch.Generator | None) -> None:
-        """Freeze what must not train and draw the initial factors (subclasses call last)."""
+        self.down, self.up = self._new_pair(self.rank)
+        # Freeze what must not train and draw the initial factors.
         self.base_layer.weight.requires_grad_(False)
         if self.base_layer.bias is not None:
             self.base_layer.bias.requires_grad_(self.train_bias)
@@ -339,22 +344,7 @@ class LoRALinear(LoRALayer):
     both without bias. Fresh, ``up`` is zero, so the wrapper computes ``base_layer``.
     """
 
-    def __init__(
-        self,
-        base_layer: nn.Linear,
-        rank: int,
-        alpha: float,
-        *,
-        freeze_down: bool = False,
-        train_bias: bool = True,
-        generator: torch.Generator | None = None,
-    ) -> None:
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"LoRALinear wraps nn.Linear, got {type(base_layer).__name__}")
-        _check_wrappable(base_layer, rank, "(unnamed)")
-        super().__init__(base_layer, rank, alpha, freeze_down=freeze_down, train_bias=train_bias)
-        self.down, self.up = self._new_pair(rank)
-        self._finish_init(generator)
+    wraps = nn.Linear
 
     def _new_pair(self, rank: int) -> tuple[nn.Linear, nn.Linear]:
         base = self.base_layer
@@ -375,22 +365,7 @@ class LoRAConv2d(LoRALayer):
     weight (out, r, 1, 1); both without bias. Grouped convolutions are refused.
     """
 
-    def __init__(
-        self,
-        base_layer: nn.Conv2d,
-        rank: int,
-        alpha: float,
-        *,
-        freeze_down: bool = False,
-        train_bias: bool = True,
-        generator: torch.Generator | None = None,
-    ) -> None:
-        if not isinstance(base_layer, nn.Conv2d):
-            raise TypeError(f"LoRAConv2d wraps nn.Conv2d, got {type(base_layer).__name__}")
-        _check_wrappable(base_layer, rank, "(unnamed)")
-        super().__init__(base_layer, rank, alpha, freeze_down=freeze_down, train_bias=train_bias)
-        self.down, self.up = self._new_pair(rank)
-        self._finish_init(generator)
+    wraps = nn.Conv2d
 
     def _new_pair(self, rank: int) -> tuple[nn.Conv2d, nn.Conv2d]:
         base = self.base_layer
