@@ -38,6 +38,7 @@ from rankfed.algorithms.compression import UplinkCodec
 from rankfed.algorithms.lora import FedLoruOptions, LoraClient, LoraServer, build_lora_model
 from rankfed.config import ConfigError
 from rankfed.lowrank import lora_layers
+from rankfed.lowrank.layers import _kaiming_down_zero_up
 from rankfed.wire import Payload
 
 __all__ = ["MFedLoru", "MFedLoruOptions", "tier_of_clients"]
@@ -157,9 +158,10 @@ class MFedLoruClient(LoraClient):
             if not rank:
                 continue  # opted out: this factor trains directly, as in FedLoRU
             (dr, dc), (ur, uc) = _nested_shapes(w, rank)
-            bound = 1.0 / math.sqrt(dc)  # Kaiming-uniform (a = sqrt(5)) on d; u zero: d @ u = 0
-            d = torch.empty(dr, dc).uniform_(-bound, bound, generator=gen).to(w.device).requires_grad_(True)
-            u = torch.zeros(ur, uc, device=w.device, requires_grad=True)
+            d, u = torch.empty(dr, dc, device=w.device), torch.empty(ur, uc, device=w.device)
+            _kaiming_down_zero_up(d, u, gen)  # d Kaiming-uniform, u zero: d @ u = 0
+            d.requires_grad_(True)
+            u.requires_grad_(True)
             nested[name] = (d, u, _scale(self.options.nested_alpha, rank))
         direct = [t for n, t in self.shared.items() if isinstance(t, nn.Parameter) and n not in nested]
         for name in nested:

@@ -36,6 +36,7 @@ from rankfed.algorithms.compression import UplinkCodec
 from rankfed.algorithms.lora import FedLoruOptions, LoraClient, LoraOptions, LoraServer, build_lora_model
 from rankfed.config import ConfigError
 from rankfed.lowrank import lora_layers
+from rankfed.lowrank.layers import _kaiming_down_zero_up
 from rankfed.sim.trainer import LocalTrainer
 from rankfed.wire import Payload
 
@@ -103,18 +104,15 @@ class PersonalClient(LoraClient):
 
     def _load_personal(self, ctx: ClientContext) -> None:
         saved = ctx.state.get("personal")
+        if saved is None:  # a fresh client: each pair drawn as a wrapper draws its own (down Kaiming, up zero)
+            gen = torch.Generator().manual_seed(_personal_seed(self.run_seed, ctx.client_id))
+            tensors = list(self.personal.values())  # (down, up) pairs in module order
+            for down, up in zip(tensors[0::2], tensors[1::2]):
+                _kaiming_down_zero_up(down, up, gen)
+            return
         with torch.no_grad():
-            if saved is None:
-                gen = torch.Generator().manual_seed(_personal_seed(self.run_seed, ctx.client_id))
-                for name, t in self.personal.items():  # (down, up) pairs in module order
-                    if name.endswith("up.weight"):
-                        t.zero_()
-                    else:
-                        fan_in = t[0].numel()
-                        t.copy_(torch.empty(t.shape).uniform_(-(fan_in**-0.5), fan_in**-0.5, generator=gen))
-            else:
-                for name, t in self.personal.items():
-                    t.copy_(saved[name])
+            for name, t in self.personal.items():
+                t.copy_(saved[name])
 
     def _save_personal(self, ctx: ClientContext) -> None:
         ctx.state["personal"] = {n: t.detach().clone() for n, t in self.personal.items()}
