@@ -190,7 +190,8 @@ class Simulator:
             if state:
                 self.client_states[cid] = state
         stats = self.server.aggregate(rnd, replies)
-        bad = [k for k, v in self.server.global_model_state().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        global_state = self.server.global_model_state()  # once a round: checked here, evaluated below
+        bad = [k for k, v in global_state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
         if bad:
             raise Diverged(rnd, bad)
         round_s = time.perf_counter() - t0
@@ -214,7 +215,7 @@ class Simulator:
         )
         if rnd % self.eval_every == 0 or rnd == self.ctx.rounds:
             t1 = time.perf_counter()
-            rec.accuracy, rec.loss = self.evaluate()
+            rec.accuracy, rec.loss = self.evaluate(global_state)
             if getattr(self.client, "personalized", False):
                 rec.personal_accuracy = self.evaluate_personal(rnd)
             rec.eval_s = time.perf_counter() - t1
@@ -222,9 +223,9 @@ class Simulator:
         self.history.append(rec)
         return rec
 
-    def evaluate(self) -> tuple[float, float]:
+    def evaluate(self, global_state: dict[str, torch.Tensor] | None = None) -> tuple[float, float]:
         """Accuracy and loss of the current global model on the test set."""
-        self.eval_model.load_state_dict(self.server.global_model_state())
+        self.eval_model.load_state_dict(self.server.global_model_state() if global_state is None else global_state)
         return evaluate(self.eval_model, self.test_x, self.test_y, self.eval_batch_size)
 
     def evaluate_personal(self, rnd: int) -> float | None:
