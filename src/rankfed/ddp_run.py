@@ -118,6 +118,8 @@ def _worker(rank: int, cfg: ExperimentConfig, opts: DdpOptions, init_file: str, 
         else:
             opt = torch.optim.SGD(ddp.parameters(), lr=c.lr, momentum=c.momentum, nesterov=c.nesterov, weight_decay=c.weight_decay)
         dense_numbers = sum(p.numel() for p in model.parameters())
+        # torch's hook sends one of two amounts: dense before start_powerSGD_iter, compressed after
+        torch_psgd = {on: _torch_powersgd_numbers(model, opts.rank, compressing=on) for on in (False, True)}
         gen = torch.Generator().manual_seed(seed * 1000 + rank)
         order, pos = torch.randperm(len(y), generator=gen), 0
         cum_numbers, step_times, t_start = 0, [], time.perf_counter()
@@ -143,7 +145,7 @@ def _worker(rank: int, cfg: ExperimentConfig, opts: DdpOptions, init_file: str, 
             if state is not None:
                 sent = state.lowrank.stats.last_sent
             elif opts.compressor == "torch-powersgd":
-                sent = _torch_powersgd_numbers(model, opts.rank, compressing=step >= max(2, opts.warmup))
+                sent = torch_psgd[step >= max(2, opts.warmup)]
             else:
                 sent = dense_numbers
             cum_numbers += sent
