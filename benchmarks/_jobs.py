@@ -59,3 +59,25 @@ class Jobs:
             print(f"FAILED: {out} (see its output above); the other runs go on", flush=True)
             return None
         return json.loads(summary.read_text())
+
+
+FALLBACK = 3  # a run that diverges at its lr is run again at lr / FALLBACK (the tables mark it)
+
+
+def diverged(folder: Path) -> bool:
+    """The run in ``folder`` finished and stopped as diverged."""
+    summary = folder / "summary.json"
+    return summary.is_file() and json.loads(summary.read_text()).get("status") == "diverged"
+
+
+def fallback(folder: Path, sets: dict) -> tuple[Path, dict]:
+    """The rerun of a diverged job: lr / FALLBACK, in a folder named with that lr."""
+    lr = sets["client.lr"] / FALLBACK
+    return folder.with_name(f"{folder.name}-lr{lr:g}"), {**sets, "client.lr": lr}
+
+
+def standing(folder: Path, sets: dict) -> tuple[Path, dict, bool]:
+    """The run that stands for a job: its own, or its fallback if it diverged (and whether)."""
+    if diverged(folder):
+        return (*fallback(folder, sets), True)
+    return folder, sets, False

@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _jobs import Jobs  # noqa: E402
+from _jobs import Jobs, diverged, fallback, standing  # noqa: E402
 from _report import HERE, write_result  # noqa: E402
 
 from rankfed.config import tomllib  # noqa: E402
@@ -62,7 +62,7 @@ LR_GRID = {
     "FedLoRU r64": [0.03, 0.1, 0.3, 1.0],
     "FedLoRU r16": [0.01, 0.03, 0.1],
 }
-FALLBACK = 3  # a main run that diverges at its tuned lr is run again at lr / FALLBACK (marked in the tables)
+# A main run that diverges at its tuned lr is run again at lr / _jobs.FALLBACK (marked in the tables).
 SCALING_K = [20, 50, 100, 200, 400]
 SCALING_METHODS = ["FedAvg", "FedLoRU r64"]
 TABLE1_K = [20, 100]
@@ -112,18 +112,6 @@ def _main_sets(method: str, lr: float, k: int, partition: str, rounds: int) -> d
     return {**METHODS[method], "client.lr": lr, "federation.clients": k, "task.partition": partition, "federation.rounds": rounds}
 
 
-def _fallback_dir(folder: Path, lr: float) -> Path:
-    return folder.with_name(f"{folder.name}-lr{lr:g}")
-
-
-def _result(folder: Path, lr: float) -> tuple[Path, float, bool]:
-    """The run that stands for a main job: its own, or its fallback if it diverged."""
-    s = json.loads((folder / "summary.json").read_text())
-    if s.get("status") == "diverged":
-        return _fallback_dir(folder, lr / FALLBACK), lr / FALLBACK, True
-    return folder, lr, False
-
-
 def _main_jobs(args, lrs: dict) -> dict[tuple[str, int, str], Path]:
     """Every main run: (method, K, partition) -> folder. Table 1's IID runs of FedAvg and
     FedLoRU r64 at K = 20 / 100 are the scaling study's runs (same settings)."""
@@ -158,11 +146,10 @@ def run_all(args) -> None:
     done = sum(f.result() is not None for f in futures)
     retries = []
     for key in order:
-        summary = want[key] / "summary.json"
-        if summary.is_file() and json.loads(summary.read_text()).get("status") == "diverged":
-            lr = lrs[key[0]] / FALLBACK
-            print(f"{want[key].name} diverged at lr {lrs[key[0]]}: again at lr {lr:g}", flush=True)
-            retries.append(jobs.submit(_fallback_dir(want[key], lr), _main_sets(key[0], lr, key[1], key[2], args.rounds)))
+        if diverged(want[key]):
+            folder, sets = fallback(want[key], _main_sets(key[0], lrs[key[0]], key[1], key[2], args.rounds))
+            print(f"{want[key].name} diverged at lr {lrs[key[0]]}: again at lr {sets['client.lr']:g}", flush=True)
+            retries.append(jobs.submit(folder, sets))
     done -= sum(f.result() is None for f in retries)
     if done < len(futures):
         print("some runs failed or were not started (deadline); run again to retry them", flush=True)
@@ -200,8 +187,8 @@ def report(args) -> None:
         lrs[method] = best[0]
         tune_lines.append(f"- {method}: {', '.join(cells)} -> **lr {best[0]}**")
     jobs = _main_jobs(args, lrs)
-    # a job that diverged at its tuned lr is represented by its rerun at lr / FALLBACK
-    resolved = {key: _result(folder, lrs[key[0]]) for key, folder in jobs.items()}
+    # a job that diverged at its tuned lr is represented by its rerun at a lower lr
+    resolved = {key: standing(folder, _main_sets(key[0], lrs[key[0]], key[1], key[2], args.rounds)) for key, folder in jobs.items()}
     want = {key: r[0] for key, r in resolved.items()}
     mark = {key: (f"†" if r[2] else "") for key, r in resolved.items()}
     summ = {key: json.loads((out / "summary.json").read_text()) for key, out in want.items()}

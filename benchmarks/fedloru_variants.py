@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _jobs import Jobs  # noqa: E402
+from _jobs import Jobs, diverged, fallback, standing  # noqa: E402
 from _report import HERE, write_result  # noqa: E402
 
 ROOT = HERE.parent
@@ -118,27 +118,12 @@ def _jobs_table4(args):
     return out
 
 
-FALLBACK = 3  # a run that diverges at its lr is run again at lr / FALLBACK (marked in the tables)
-
-
-def _fallback(folder: Path, sets: dict) -> tuple[Path, dict]:
-    lr = sets["client.lr"] / FALLBACK
-    return folder.with_name(f"{folder.name}-lr{lr:g}"), {**sets, "client.lr": lr}
-
-
-def _resolved(folder: Path, sets: dict) -> tuple[Path, bool]:
-    """The run standing for a job: its own, or its fallback if it diverged."""
-    if json.loads((folder / "summary.json").read_text()).get("status") == "diverged":
-        return _fallback(folder, sets)[0], True
-    return folder, False
-
-
 def run_all(args) -> None:
     jobs = Jobs(CONFIG, BASE, args.workers, args.deadline)
     todo = [*_jobs_table3(args).values(), *_jobs_table4(args).values()]
     futures = [jobs.submit(folder, sets) for folder, sets in todo]
     done = sum(f.result() is not None for f in futures)
-    retries = [jobs.submit(*_fallback(folder, sets)) for folder, sets in todo if (folder / "summary.json").is_file() and _resolved(folder, sets)[1]]
+    retries = [jobs.submit(*fallback(folder, sets)) for folder, sets in todo if diverged(folder)]
     done -= sum(f.result() is None for f in retries)
     print(f"{done}/{len(futures)} runs finished", flush=True)
     if done == len(futures):
@@ -151,9 +136,8 @@ def _summary(folder: Path) -> dict:
 
 def _final(job: tuple[Path, dict]) -> tuple[dict, str]:
     """The summary standing for a job, and its mark (the fallback lr, if it took one)."""
-    folder, fell_back = _resolved(*job)
-    s = _summary(folder)
-    return s, (f" †lr {_fallback(*job)[1]['client.lr']:.3g}" if fell_back else "")
+    folder, sets, fell_back = standing(*job)
+    return _summary(folder), (f" †lr {sets['client.lr']:.3g}" if fell_back else "")
 
 
 def _acc_cell(s: dict) -> str:
