@@ -4,6 +4,9 @@
     rankfed compare CONFIG.toml --algorithms fedavg,... [--out DIR]
     rankfed demo [--out DIR]
     rankfed plot DIR [DIR ...] [--out FILE.png]
+    rankfed ddp CONFIG.toml --workers N --compressor greedylore [--rank R]
+    rankfed flower run CONFIG.toml --supernodes N   (or --superlink HOST:PORT)
+    rankfed flower app DIR
 
 Bad input (a config key, a missing data folder, an existing run folder) ends
 with one line on stderr naming the problem and exit code 2, no traceback.
@@ -15,6 +18,7 @@ import argparse
 import datetime as _dt
 import json
 import shlex
+import signal
 import sys
 from importlib import resources
 from pathlib import Path
@@ -173,6 +177,54 @@ def _demo_config() -> ExperimentConfig:
     return parse_config(tomllib.loads(text))
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _flower(args: argparse.Namespace, console: Console, err: Console) -> int:
+    try:
+        from rankfed.flower import run_flower
+        from rankfed.flower.deploy import FlowerRunError, write_app
+    except ImportError as e:
+        raise ConfigError(f"rankfed flower needs Flower: pip install 'rankfed[flower]' ({e})") from None
+    if args.flower_command == "app":
+        path = write_app(args.dir)
+        console.print(f"wrote {path / 'pyproject.toml'}; submit with `rankfed flower run CONFIG --superlink HOST:PORT`", highlight=False)
+        return 0
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.out or f"runs/flower-{cfg.task.dataset}-{cfg.algorithm.name}-{_stamp()}")
+    where = f"SuperLink {args.superlink}" if args.superlink else f"a local deployment of {args.supernodes} SuperNodes"
+    if not args.quiet:
+        err.print(f"flower: {cfg.algorithm.name} on {where}; logs in {out / 'flower-logs'}", highlight=False)
+    command = "rankfed " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    # SIGTERM (a scheduler, `kill`) ends the run like Ctrl-C: every process it started is stopped.
+    signal.signal(signal.SIGTERM, _interrupt)
+    with _ProgressReporter(err, cfg.federation.rounds, f"flower {cfg.algorithm.name}", args.quiet) as report:
+        on_metrics = lambda m: report(argparse.Namespace(**m))  # noqa: E731 - a metrics line reads like a RoundRecord
+        try:
+            s = run_flower(
+                cfg, out, supernodes=args.supernodes, superlink=args.superlink, root_certificates=args.root_certificates, insecure=args.insecure,
+                overwrite=args.overwrite, command=command, on_metrics=on_metrics, timeout=args.timeout, data_dir=args.data_dir,
+            )
+        except FlowerRunError as e:
+            err.print(f"rankfed: error: {e}", highlight=False)
+            return 1
+    if s.get("status") == "failed":
+        err.print(f"rankfed: error: the ServerApp failed: {s.get('error')}", highlight=False)
+        return 1
+    if s.get("status") == "diverged":
+        err.print(f"rankfed: warning: {s['diverged']}; the run stopped there", highlight=False)
+    best = "-" if s["best_accuracy"] is None else f"{100 * s['best_accuracy']:.2f}% at round {s['best_round']}"
+    console.print(
+        f"{s['algorithm']} on Flower ({s['supernodes']} SuperNodes): best accuracy {best}; payload uplink {s['total_uplink_bytes'] / MB:.3f} MB "
+        f"(Flower messages {s['total_flower_uplink_bytes'] / MB:.3f} MB), downlink {s['total_downlink_bytes'] / MB:.3f} MB "
+        f"(Flower {s['total_flower_downlink_bytes'] / MB:.3f} MB); {s['failed_client_rounds']} failed client-rounds, "
+        f"{len(s['skipped_rounds'])} skipped rounds; run folder {out}",
+        highlight=False,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rankfed", description=__doc__.split("\n\n")[0])
     p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
@@ -202,6 +254,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
     sp.add_argument("--eval-every", type=int, default=50, help="evaluate every n steps (default 50)")
     sp.add_argument("--backend", default="gloo", help="gloo (CPU, default) | nccl (one GPU per worker)")
+    sp = sub.add_parser("flower", help="run on a Flower deployment (local SuperLink + SuperNodes, or a running federation)")
+    fsub = sp.add_subparsers(dest="flower_command", required=True)
+    fp = fsub.add_parser("run", help="run an experiment through Flower; writes the same run folder as `rankfed run`")
+    common(fp)
+    fp.add_argument("--supernodes", type=int, default=2, help="local deployment: SuperNode processes (default 2); clients are spread over them")
+    fp.add_argument("--superlink", metavar="HOST:PORT", help="submit to this running SuperLink instead of starting a local deployment")
+    fp.add_argument("--root-certificates", metavar="CA.PEM", help="with --superlink: the CA certificate that signed the SuperLink's TLS certificate (default: the system's CAs)")
+    fp.add_argument("--insecure", action="store_true", help="with --superlink: the SuperLink runs without TLS (flower-superlink --insecure)")
+    fp.add_argument("--data-dir", help="local deployment: the dataset folder every SuperNode reads (node config data-dir)")
+    fp.add_argument("--timeout", type=float, default=None, help="give up after this many seconds (default: no limit)")
+    fp = fsub.add_parser("app", help="write the Flower App (pyproject.toml) that runs rankfed experiments, for `flwr run`")
+    fp.add_argument("dir", help="folder to write")
     sp = sub.add_parser("plot", help="plot run folders: accuracy vs round and vs cumulative bytes")
     sp.add_argument("runs", nargs="+", help="run folders, or a compare folder")
     sp.add_argument("--out", help="PNG file (default: plot.png in the first folder)")
@@ -251,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{1e3 * sum(s['mean_step_s_per_worker']) / len(s['mean_step_s_per_worker']):.1f} ms per step; run folder {out}",
                 highlight=False,
             )
+        elif args.command == "flower":
+            return _flower(args, console, err)
         elif args.command == "demo":
             cfg = _demo_config()
             out = Path(args.out or f"runs/demo-{_stamp()}")

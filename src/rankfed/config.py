@@ -1,7 +1,8 @@
 """Experiment configuration: dataclasses that check themselves, loaded from TOML.
 
 An experiment file has the sections ``[task]``, ``[federation]``, ``[client]``
-and ``[algorithm]`` (``name`` plus that algorithm's own options), and optionally
+and ``[algorithm]`` (``name`` plus that algorithm's own options), ``[flower]``
+(read only on a Flower deployment), and optionally
 ``[algorithms.<label>]`` tables (``name`` = the algorithm, default the label,
 plus its options) naming the variants that ``rankfed
 compare``. Unknown sections and keys are errors, and every error names the key
@@ -32,6 +33,7 @@ __all__ = [
     "FederationConfig",
     "ClientConfig",
     "AlgorithmConfig",
+    "FlowerConfig",
     "ExperimentConfig",
     "load_config",
     "parse_config",
@@ -183,11 +185,29 @@ class AlgorithmConfig:
 
 
 @dataclass
+class FlowerConfig:
+    """How a run behaves on a Flower deployment (``rankfed flower run``; the simulator ignores it)."""
+
+    min_clients: int = 1  # a round aggregates if at least this many sampled clients reply; else it is skipped
+    round_timeout: float = 600.0  # seconds to wait for a round's replies (a dead SuperNode costs this once)
+    connect_timeout: float = 120.0  # seconds to wait for every SuperNode to connect at the start
+
+    def __post_init__(self) -> None:
+        if self.min_clients < 1:
+            raise _bad("flower.min_clients", self.min_clients, "must be >= 1")
+        if not self.round_timeout > 0:
+            raise _bad("flower.round_timeout", self.round_timeout, "must be > 0 (seconds)")
+        if not self.connect_timeout > 0:
+            raise _bad("flower.connect_timeout", self.connect_timeout, "must be > 0 (seconds)")
+
+
+@dataclass
 class ExperimentConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    flower: FlowerConfig = field(default_factory=FlowerConfig)
     # variants for `rankfed compare`, by label: {"mapa": {"k": 64}, "fedavg+qsgd": {"name": "fedavg", "compressor": "qsgd"}}
     algorithms: dict = field(default_factory=dict)
 
@@ -238,6 +258,7 @@ _SECTIONS = {
     "task": TaskConfig,
     "federation": FederationConfig,
     "client": ClientConfig,
+    "flower": FlowerConfig,
 }
 
 

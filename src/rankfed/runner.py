@@ -7,7 +7,8 @@ A run folder holds:
   uplink_bytes, downlink_bytes, cum_uplink_bytes, cum_downlink_bytes, wall_s, ...;
 * ``rounds.jsonl``  - one line per round, with the bytes of every client;
 * ``summary.json``  - best and final accuracy, byte totals, parameter count,
-  algorithm options.
+  algorithm options;
+* ``model.pt``      - the final global model's state dict (``torch.save``).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from rankfed.models import build_model, count_parameters
 from rankfed.sim.simulator import Diverged, RoundRecord, Simulator
 from rankfed.wire import encoded_size
 
-__all__ = ["Experiment", "build_experiment", "run_experiment", "RunFolder", "DEFAULT_MODELS", "resolve_device"]
+__all__ = ["Experiment", "build_experiment", "build_run_parts", "client_kind", "run_experiment", "RunFolder", "DEFAULT_MODELS", "resolve_device"]
 
 # The reference model of each dataset (the papers' choices where they have one).
 DEFAULT_MODELS = {
@@ -86,9 +87,13 @@ class Experiment:
 
     @property
     def client_kind(self) -> str:
-        """The client kind in force: as configured, or the algorithm's paper default for "auto"."""
-        kind = self.cfg.federation.client_kind
-        return self.algorithm.default_client_kind if kind == "auto" else kind
+        return client_kind(self.cfg, self.algorithm)
+
+
+def client_kind(cfg: ExperimentConfig, algorithm: Algorithm) -> str:
+    """The client kind in force: as configured, or the algorithm's paper default for "auto"."""
+    kind = cfg.federation.client_kind
+    return algorithm.default_client_kind if kind == "auto" else kind
 
 
 def load_task_data(cfg: ExperimentConfig) -> Dataset:
@@ -138,6 +143,26 @@ def load_init_weights(model: torch.nn.Module, path: str) -> None:
         )
 
 
+def build_run_parts(cfg: ExperimentConfig, input_shape: tuple, num_classes: int) -> tuple[torch.nn.Module, str, Algorithm, RunContext]:
+    """What an experiment builds besides its data: the seeded initial model (and its name), the
+    algorithm, the run context. Depends on the data only through its input shape and classes."""
+    task, fed = cfg.task, cfg.federation
+    model_name = task.model or DEFAULT_MODELS[task.dataset]
+    torch.manual_seed(fed.seed)
+    model = build_model(model_name, tuple(input_shape), num_classes, **task.model_options)
+    if task.init_weights:
+        load_init_weights(model, task.init_weights)
+    algorithm = get_algorithm(cfg.algorithm.name, cfg.algorithm.options)
+    ctx = RunContext(
+        num_clients=fed.clients,
+        rounds=fed.rounds,
+        seed=fed.seed,
+        client=cfg.client,
+        device=resolve_device(fed.device),
+    )
+    return model, model_name, algorithm, ctx
+
+
 def build_experiment(cfg: ExperimentConfig, dataset: Dataset | None = None) -> Experiment:
     """Load and split the data, build the seeded model and the algorithm.
 
@@ -159,19 +184,7 @@ def build_experiment(cfg: ExperimentConfig, dataset: Dataset | None = None) -> E
         alpha=task.alpha,
         classes_per_client=task.classes_per_client,
     )
-    model_name = task.model or DEFAULT_MODELS[task.dataset]
-    torch.manual_seed(fed.seed)
-    model = build_model(model_name, ds.input_shape, ds.num_classes, **task.model_options)
-    if task.init_weights:
-        load_init_weights(model, task.init_weights)
-    algorithm = get_algorithm(cfg.algorithm.name, cfg.algorithm.options)
-    ctx = RunContext(
-        num_clients=fed.clients,
-        rounds=fed.rounds,
-        seed=fed.seed,
-        client=cfg.client,
-        device=resolve_device(fed.device),
-    )
+    model, model_name, algorithm, ctx = build_run_parts(cfg, ds.input_shape, ds.num_classes)
     return Experiment(cfg, ds, clients, model, model_name, algorithm, ctx)
 
 
@@ -183,7 +196,7 @@ class RunFolder:
         if self.path.exists() and any(self.path.iterdir()) and not overwrite:
             raise FileExistsError(f"run folder {str(self.path)!r} exists and is not empty (pass --overwrite to replace it)")
         self.path.mkdir(parents=True, exist_ok=True)
-        for name in ("metrics.jsonl", "rounds.jsonl", "summary.json"):
+        for name in ("metrics.jsonl", "rounds.jsonl", "summary.json", "model.pt"):
             (self.path / name).unlink(missing_ok=True)
 
     def write_text(self, name: str, text: str) -> None:
@@ -208,6 +221,7 @@ class RunFolder:
                 "broadcast_recipients": rec.broadcast_recipients,
                 "round_s": rec.round_s,
                 "train_loss": rec.train_loss,
+                **rec.transport,
             },
         )
         if rec.accuracy is not None:
@@ -311,5 +325,6 @@ def run_experiment(
         summary["diverged_at_round"] = diverged.round
         summary["diverged"] = str(diverged)
     if folder:
+        torch.save(sim.server.global_model_state(), folder.path / "model.pt")
         folder.write_text("summary.json", json.dumps(summary, indent=2) + "\n")
     return summary

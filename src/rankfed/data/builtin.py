@@ -7,11 +7,8 @@ from __future__ import annotations
 
 import random
 
-import mnist1d.data
 import numpy as np
 import torch
-from sklearn.datasets import load_digits as _sklearn_digits
-from sklearn.model_selection import train_test_split
 
 from .base import Dataset, standardize
 
@@ -24,6 +21,11 @@ def load_digits(*, seed: int = 0) -> Dataset:
     A stratified 80/20 train/test split drawn from ``seed``; pixels are scaled from
     ``[0, 16]`` to ``[0, 1]`` and standardised with the train split's mean and std.
     """
+    # imported here: scikit-learn and mnist1d (which pulls in scipy and matplotlib) cost ~1 s
+    # at import, paid by every process (each Flower ClientApp message is a fresh one)
+    from sklearn.datasets import load_digits as _sklearn_digits
+    from sklearn.model_selection import train_test_split
+
     bunch = _sklearn_digits()
     x = bunch.data.astype(np.float32) / 16.0  # (1797, 64), raw values are 0..16
     y = bunch.target.astype(np.int64)
@@ -53,6 +55,8 @@ def load_mnist1d(*, seed: int = 0, num_samples: int | None = None) -> Dataset:
 
     Returns ``float32 (N, 40)`` signals, standardised with the train split's statistics.
     """
+    import mnist1d.data
+
     args = mnist1d.data.get_dataset_args()
     if hasattr(args, "seed"):
         args.seed = seed

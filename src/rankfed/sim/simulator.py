@@ -66,13 +66,16 @@ class RoundRecord:
     eval_s: float | None = None
     # personalised algorithms: mean over clients of each one's accuracy on its own held-out split
     personal_accuracy: float | None = None
+    # what a real transport measured (Flower: its message sizes, failed clients); empty in the simulator
+    transport: dict = field(default_factory=dict)
 
     def metrics_line(self) -> dict:
-        """The record as a metrics.jsonl line (per-client lists left out)."""
+        """The record as a metrics.jsonl line (per-client lists left out, transport fields inlined)."""
         d = asdict(self)
         for k in ("clients", "uplink_bytes_per_client", "downlink_bytes_per_client"):
             d.pop(k)
         d["num_clients"] = len(self.clients)
+        d |= d.pop("transport")
         return d
 
 

@@ -1,0 +1,341 @@
+"""rankfed on a real local Flower deployment (flower-superlink + flower-supernode processes).
+
+For one seed a deployment must end with the simulator's model: the same clients
+sampled, the same payloads, the same aggregation order. The deployment tests
+start real processes on 127.0.0.1 with bounded waits and stop them all.
+"""
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("flwr")
+
+from rankfed.config import load_config, parse_config, to_toml, tomllib  # noqa: E402
+from rankfed.flower import run_flower  # noqa: E402
+from rankfed.flower.deploy import LocalDeployment, _descendants, _free_port, _stop, _wait_port, flower_env  # noqa: E402
+from rankfed.flower.records import message_wire_bytes, payload_to_records, records_to_payload  # noqa: E402
+from rankfed.flower.strategy import hosted_clients  # noqa: E402
+from rankfed.runner import run_experiment  # noqa: E402
+from rankfed.wire import WireError, encode  # noqa: E402
+
+TINY = """
+[task]
+dataset = "digits"
+model = "mlp"
+model_options = { hidden = [32] }
+[federation]
+clients = 4
+participation = 0.75
+rounds = 2
+seed = 5
+[client]
+lr = 0.05
+batch_size = 32
+[algorithm]
+name = "fedavg"
+[flower]
+round_timeout = 90
+connect_timeout = 90
+"""
+
+# (label, --set overrides): every transport path: stateless downlinks (fedavg, fedloru with a
+# merge), a stateful broadcast (mapa), client state across rounds (greedylore error feedback),
+# client-side personalised evaluation (pfedloru), clients on one SuperNode receiving different
+# downlinks (tiered fedhm: node 0 hosts client 0 of tier 1 and client 2 of tier 2).
+ALGORITHMS = {
+    "fedavg": [],
+    "mapa": ["algorithm.name=mapa", "algorithm.k=64"],
+    "fedloru": ["algorithm.name=fedloru", "algorithm.rank=4", "algorithm.tau=1", 'algorithm.patterns=["*"]'],
+    "fedavg-greedylore": ["algorithm.compressor=greedylore", "algorithm.compress_rank=2", "algorithm.update_gap=2", "federation.participation=1.0"],
+    "fedhm-tiers": ["algorithm.name=fedhm", 'algorithm.patterns=["*"]', "algorithm.tiers=[{fraction=0.5,rank=2},{fraction=0.5,rank=4}]", "federation.participation=1.0"],
+    "pfedloru": ["algorithm.name=pfedloru", "algorithm.rank=4", "algorithm.tau=1", "algorithm.personal_rank=2", 'algorithm.patterns=["*"]'],
+}
+
+
+def _cfg(tmp_path: Path, overrides=(), name="tiny.toml"):
+    """The tiny experiment with ``overrides``, written to a file (for the command line) and parsed."""
+    path = tmp_path / name
+    path.write_text(TINY, encoding="utf-8")
+    cfg = load_config(path, list(overrides))
+    path.write_text(to_toml(cfg), encoding="utf-8")
+    return path, cfg
+
+
+# -- payloads as records (no processes) --------------------------------------------------------------
+def test_payload_records_round_trip_every_dtype_and_scalar():
+    payload = {
+        "@round": 3,
+        "w": torch.randn(4, 5),
+        "@num_samples": 17,
+        "idx": torch.arange(6, dtype=torch.int64),
+        "half": torch.randn(3, dtype=torch.float16),
+        "bf": torch.randn(2, 3).to(torch.bfloat16),
+        "mask": torch.tensor([True, False]),
+        "q": torch.randint(-100, 100, (7,), dtype=torch.int8),
+        "@seed": 2**62 + 1,
+        "@train_loss": 0.25,
+        "@note": "x",
+        "@flag": True,
+        "scalar_t": torch.tensor(1.5),
+    }
+    from flwr.app import RecordDict
+
+    back = records_to_payload(RecordDict(payload_to_records(payload, "up.7")), "up.7")
+    assert list(back) == list(payload)  # entry order kept
+    for k, v in payload.items():
+        if isinstance(v, torch.Tensor):
+            assert back[k].dtype == v.dtype and back[k].shape == v.shape and torch.equal(back[k], v), k
+        else:
+            assert back[k] == v and type(back[k]) is type(v), k
+    assert encode(back) == encode(payload)  # the payload bytes a run reports are unchanged
+
+
+def test_payload_records_errors_name_the_problem():
+    from flwr.app import ConfigRecord, RecordDict
+
+    with pytest.raises(WireError, match="@names"):
+        payload_to_records({"@names": 1}, "x")
+    with pytest.raises(WireError, match="'w'"):
+        payload_to_records({"w": [1, 2]}, "x")
+    with pytest.raises(WireError, match="no payload 'up.1'"):
+        records_to_payload(RecordDict({"up.2.config": ConfigRecord({"@names": []})}), "up.1")
+
+
+def test_message_wire_bytes_counts_the_arrays(monkeypatch):
+    from flwr.app import Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr in ("_run_id", "_node_id", "_task_id"):  # a message is made inside a run's task
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+
+    small = Message(RecordDict(payload_to_records({"w": torch.zeros(10)}, "p")), dst_node_id=1, message_type="train")
+    big = Message(RecordDict(payload_to_records({"w": torch.zeros(10010)}, "p")), dst_node_id=1, message_type="train")
+    assert message_wire_bytes(big) - message_wire_bytes(small) == pytest.approx(40000, abs=64)
+
+
+def test_hosted_clients_cover_every_client_once():
+    for k, p in [(4, 2), (7, 3), (5, 5), (3, 1)]:
+        got = sorted(c for i in range(p) for c in hosted_clients(k, i, p))
+        assert got == list(range(k))
+    with pytest.raises(ValueError, match="num-partitions = 5"):
+        hosted_clients(4, 0, 5)
+    with pytest.raises(ValueError, match="partition-id = 2"):
+        hosted_clients(4, 2, 2)
+
+
+def test_flower_section_is_checked():
+    with pytest.raises(Exception, match="flower.min_clients = 0"):
+        parse_config({"flower": {"min_clients": 0}})
+    with pytest.raises(Exception, match="flower.round_timeout"):
+        parse_config({"flower": {"round_timeout": -1.0}})
+
+
+def test_a_supernode_that_missed_a_broadcast_refuses_to_train_on_its_stale_replica(tmp_path):
+    from flwr.app import Context, RecordDict
+
+    from rankfed.flower.apps import _Node, _replica
+    from rankfed.runner import build_experiment
+
+    _, cfg = _cfg(tmp_path, ALGORITHMS["mapa"])
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(), run_config={"experiment": to_toml(cfg)})
+    node = _Node(context)
+    assert node.kind == "stateful" and node.clients == [0, 2]
+    exp = build_experiment(cfg)
+    server = exp.algorithm.make_server(exp.model, exp.ctx)
+    replica = _replica(node, context, 1, server.broadcast(1))  # round 1 from the initial replica: fine
+    kept = records_to_payload(context.state, "rankfed.replica")
+    assert kept.keys() == replica.keys() and all(torch.equal(kept[k], replica[k]) for k in kept)
+    with pytest.raises(RuntimeError, match="replica is at round 1 but this is round 3"):
+        _replica(node, context, 3, server.broadcast(3))
+
+
+# -- a real deployment -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    logs = tmp_path_factory.mktemp("flower-logs")
+    with LocalDeployment(2, logs) as dep:
+        yield dep
+    assert all(p.poll() is not None for p in [dep.superlink, *dep.nodes])  # stopped on leaving
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("label", list(ALGORITHMS))
+def test_deployment_ends_with_the_simulators_model(deployment, tmp_path, label):
+    path, cfg = _cfg(tmp_path, ALGORITHMS[label])
+    sim = run_experiment(cfg, tmp_path / "sim")
+    if label == "fedavg":  # through the command line, submitted to the running SuperLink
+        args = [sys.executable, "-m", "rankfed", "--quiet", "flower", "run", str(path), "--superlink", deployment.address, "--insecure", "--out", str(tmp_path / "fl"), "--timeout", "240"]
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=300, env=deployment.env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "on Flower (2 SuperNodes)" in proc.stdout
+        fl = json.loads((tmp_path / "fl" / "summary.json").read_text())
+    else:
+        fl = run_flower(cfg, tmp_path / "fl", superlink=deployment.address, insecure=True, timeout=240)
+    assert fl["status"] == "completed", fl.get("error")
+    assert fl["transport"] == "flower" and fl["supernodes"] == 2
+    a = torch.load(tmp_path / "fl" / "model.pt")
+    b = torch.load(tmp_path / "sim" / "model.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=f"{label}: {k}")
+    # the same payload bytes, and Flower's messages measured beside them (its framing on top)
+    for key in ("total_uplink_bytes", "total_downlink_bytes", "final_accuracy", "uploads"):
+        assert fl[key] == sim[key], key
+    assert fl["total_flower_uplink_bytes"] > fl["total_uplink_bytes"]
+    assert fl["failed_client_rounds"] == 0 and fl["skipped_rounds"] == []
+    if label == "pfedloru":
+        assert fl["final_personal_accuracy"] == pytest.approx(sim["final_personal_accuracy"], abs=1e-9)
+    lines = [json.loads(x) for x in (tmp_path / "fl" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in lines] == [1, 2]
+    assert all(m["flower_uplink_bytes"] > 0 and m["failed_clients"] == 0 for m in lines)
+
+
+@pytest.mark.slow
+def test_a_supernode_killed_mid_run_does_not_stop_the_run(tmp_path):
+    _, cfg = _cfg(tmp_path, ["federation.clients=2", "federation.participation=1.0", "federation.rounds=3", "flower.round_timeout=15"])
+    rounds_seen = []
+    with LocalDeployment(2, tmp_path / "logs") as dep:
+
+        def on_metrics(m):
+            rounds_seen.append(m["round"])
+            if m["round"] == 1:
+                dep.kill_supernode(1)
+
+        s = run_flower(cfg, tmp_path / "fl", superlink=dep.address, insecure=True, on_metrics=on_metrics, timeout=300)
+    assert s["status"] == "completed", s.get("error")
+    assert rounds_seen == [1, 2, 3]
+    assert s["rounds"] == 3
+    # client 1 (on SuperNode 1) is lost in rounds 2 and 3; client 0 carries them
+    assert s["failed_client_rounds"] == 2
+    assert sum(s["failure_reasons"].values()) == 2
+    lines = [json.loads(x) for x in (tmp_path / "fl" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["failed_clients"] for m in lines] == [0, 1, 1]
+    assert [m["num_clients"] for m in lines] == [2, 1, 1]
+    assert s["skipped_rounds"] == []
+
+
+@pytest.mark.slow
+def test_too_few_replies_skip_the_round_and_keep_the_model(tmp_path):
+    _, cfg = _cfg(tmp_path, ["federation.clients=2", "federation.participation=1.0", "federation.rounds=2", "flower.round_timeout=15", "flower.min_clients=2"])
+    with LocalDeployment(2, tmp_path / "logs") as dep:
+
+        def on_metrics(m):
+            if m["round"] == 1:
+                dep.kill_supernode(0)
+
+        s = run_flower(cfg, tmp_path / "fl", superlink=dep.address, insecure=True, on_metrics=on_metrics, timeout=300)
+    assert s["status"] == "completed" and s["skipped_rounds"] == [2]
+    lines = [json.loads(x) for x in (tmp_path / "fl" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[1]["accuracy"] == lines[0]["accuracy"] and lines[1]["skipped"]  # the model did not change
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_process_it_started(tmp_path):
+    path, _ = _cfg(tmp_path, ["federation.rounds=50"])
+    args = [sys.executable, "-m", "rankfed", "--quiet", "flower", "run", str(path), "--supernodes", "2", "--out", str(tmp_path / "fl")]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "fl" / "rounds.jsonl").exists():  # wait until it is training
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "no round finished within 120 s"
+            time.sleep(0.5)
+        started = _descendants(proc.pid)
+        assert len(started) >= 3  # SuperLink, 2 SuperNodes (and their helpers)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr[-2000:]
+    time.sleep(1.0)
+    alive = [p for p in started if Path(f"/proc/{p}").exists() and "Z (zombie)" not in Path(f"/proc/{p}/status").read_text()]
+    assert alive == [], [Path(f"/proc/{p}/cmdline").read_text() for p in alive if Path(f"/proc/{p}").exists()]
+
+
+def test_local_run_checks_the_experiment_before_starting_anything(tmp_path):
+    path, cfg = _cfg(tmp_path, ["task.dataset=fmnist", "task.data_dir=/no/such/folder"])
+    proc = subprocess.run([sys.executable, "-m", "rankfed", "flower", "run", str(path), "--out", str(tmp_path / "fl")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "/no/such/folder" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "fl").exists()
+    proc = subprocess.run([sys.executable, "-m", "rankfed", "flower", "run", str(path), "--supernodes", "9"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--supernodes 9" in proc.stderr
+
+
+def test_flower_app_is_a_valid_flower_app(tmp_path):
+    from flwr.cli.config_utils import load_and_validate
+
+    proc = subprocess.run([sys.executable, "-m", "rankfed", "flower", "app", str(tmp_path / "app")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    config, warnings = load_and_validate(tmp_path / "app" / "pyproject.toml")
+    assert config is not None and config["tool"]["flwr"]["app"]["components"]["serverapp"] == "rankfed.flower.apps:server_app"
+    # the experiment travels as the run config's text and reads back equal
+    cfg = load_config(None, ["algorithm.name=mapa"])
+    assert parse_config(tomllib.loads(to_toml(cfg))) == cfg
+
+
+MAKE_CERTS = Path(__file__).resolve().parents[1] / "examples" / "flower-tls" / "make_certs.sh"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("openssl") and shutil.which("ssh-keygen")), reason="needs openssl and ssh-keygen")
+def test_tls_federation_with_supernode_authentication(tmp_path):
+    """The README's multi-machine commands, on one machine: a TLS SuperLink that admits only
+    registered SuperNode keys, two authenticated SuperNodes, a run submitted over TLS."""
+    bindir = Path(sys.executable).parent
+    home = tmp_path / "home"
+    home.mkdir()
+    env = flower_env(home)
+    certs, keys, logs = tmp_path / "certs", tmp_path / "keys", tmp_path / "logs"
+    keys.mkdir()
+    logs.mkdir()
+    subprocess.run(["bash", str(MAKE_CERTS), str(certs)], check=True, capture_output=True, timeout=120)
+    for i in (1, 2):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", str(keys / f"supernode_{i}"), "-C", ""], check=True, timeout=60)
+    port = _free_port()
+    procs = []
+
+    def spawn(args, name):
+        log = open(logs / name, "wb")  # noqa: SIM115 - closed with the test's tmp_path
+        procs.append(subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path, start_new_session=True))
+        return procs[-1]
+
+    try:
+        link = spawn(
+            [str(bindir / "flower-superlink"), "--ssl-ca-certfile", str(certs / "ca.crt"), "--ssl-certfile", str(certs / "server.pem"),
+             "--ssl-keyfile", str(certs / "server.key"), "--enable-supernode-auth", "--disable-runtime-dependency-installation",
+             "--host", "127.0.0.1", "--port", str(port)],
+            "superlink.log",
+        )  # fmt: skip
+        _wait_port(port, 60, link, logs / "superlink.log")
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "tls"\n\n[superlink.tls]\naddress = "127.0.0.1:{port}"\nroot-certificates = "{certs / "ca.crt"}"\ninsecure = false\n'
+        )
+        for i in (1, 2):
+            reg = subprocess.run([str(bindir / "flwr"), "supernode", "register", str(keys / f"supernode_{i}.pub"), "tls"], env=env, capture_output=True, text=True, timeout=120)
+            assert reg.returncode == 0, reg.stdout + reg.stderr
+        for i in (1, 2):
+            spawn(
+                [str(bindir / "flower-supernode"), "--superlink", f"127.0.0.1:{port}", "--root-certificates", str(certs / "ca.crt"),
+                 "--auth-supernode-private-key", str(keys / f"supernode_{i}"), "--node-config", f"partition-id={i - 1} num-partitions=2",
+                 "--port", str(_free_port())],
+                f"supernode-{i}.log",
+            )  # fmt: skip
+        path, _ = _cfg(tmp_path, ["federation.clients=2", "federation.participation=1.0"])
+        args = [sys.executable, "-m", "rankfed", "--quiet", "flower", "run", str(path), "--superlink", f"127.0.0.1:{port}",
+                "--root-certificates", str(certs / "ca.crt"), "--out", str(tmp_path / "fl"), "--timeout", "240"]  # fmt: skip
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        s = json.loads((tmp_path / "fl" / "summary.json").read_text())
+        assert s["status"] == "completed" and s["supernodes"] == 2 and s["failed_client_rounds"] == 0
+    finally:
+        _stop(procs)
