@@ -7,6 +7,8 @@
     rankfed ddp CONFIG.toml --workers N --compressor greedylore [--rank R]
     rankfed flower run CONFIG.toml --supernodes N   (or --superlink HOST:PORT)
     rankfed flower app DIR
+    rankfed analyze stable-rank RUN_DIR|CONFIG.toml --sizes 50,500
+    rankfed analyze gradient-similarity RUN_DIR|CONFIG.toml --clients 10 --rank 4
 
 Bad input (a config key, a missing data folder, an existing run folder) ends
 with one line on stderr naming the problem and exit code 2, no traceback.
@@ -15,6 +17,7 @@ with one line on stderr naming the problem and exit code 2, no traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import json
 import shlex
@@ -177,6 +180,60 @@ def _demo_config() -> ExperimentConfig:
     return parse_config(tomllib.loads(text))
 
 
+def _int_list(flag: str, text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r}: expected comma-separated integers") from None
+    if not values:
+        raise ConfigError(f"{flag} {text!r}: give at least one integer")
+    return values
+
+
+def _analyze(args: argparse.Namespace, console: Console, err: Console) -> None:
+    from rankfed.analysis import analyze_gradient_similarity, analyze_stable_rank
+
+    source = Path(args.source)
+    if source.is_file():  # an experiment file: train it with checkpoints first
+        cfg = load_config(source, args.overrides)
+        if args.analysis == "stable-rank":  # a subset larger than the data would fail only after training
+            from rankfed.runner import load_task_data
+
+            n = cfg.task.train_samples or len(load_task_data(cfg).train_y)
+            too_big = [s for s in _int_list("--sizes", args.sizes) if s > n]
+            if too_big:
+                raise ConfigError(f"--sizes {args.sizes}: {too_big} exceed the {n} training samples")
+        every = args.checkpoint_every or max(1, cfg.federation.rounds // 10)
+        cfg = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, checkpoint_every=every))
+        run_dir = Path(args.out or f"runs/analyze-{cfg.task.dataset}-{_stamp()}") / "run"
+        _run_one(cfg, run_dir, err, args.quiet, args.overwrite, f"train {cfg.algorithm.name}")
+        out = run_dir.parent
+    elif source.is_dir():
+        run_dir, out = source, Path(args.out) if args.out else source / "analysis"
+    else:
+        raise FileNotFoundError(f"{args.source!r}: no such run folder or experiment file")
+    rounds = _int_list("--rounds", args.rounds) if args.rounds else None
+    show = (lambda line: None) if args.quiet else (lambda line: err.print(line, highlight=False))  # noqa: E731
+    if args.analysis == "stable-rank":
+        sizes = _int_list("--sizes", args.sizes)
+        rows = analyze_stable_rank(
+            run_dir, sizes, subsets=args.subsets, probes=args.probes, lanczos_steps=args.lanczos_steps, rounds=rounds,
+            seed=args.seed, confidence=args.confidence, out=out,
+            on_result=lambda r: show(f"round {r['round']}  size {r['size']}  subset {r['subset']}: stable rank {r['stable_rank']:.2f} "
+                                     f"[{r['ci_low']:.2f}, {r['ci_high']:.2f}], ||H||_2 {r['spectral_norm']:.4g}  ({r['seconds']:.1f} s)"),
+        )  # fmt: skip
+        console.print((out / "stable_rank.md").read_text(encoding="utf-8"), highlight=False, markup=False)
+        console.print(f"{len(rows)} estimates; stable_rank.json, stable_rank.md and stable_rank.png in {out}", highlight=False)
+    else:
+        clients = int(args.clients) if args.clients.strip().isdigit() else _int_list("--clients", args.clients)
+        rows = analyze_gradient_similarity(
+            run_dir, clients=clients, rank=args.rank, rounds=rounds, seed=args.seed, out=out,
+            on_result=lambda r: show(f"round {r['round']}: cosine full {r['full']:.3f}, rank {r['rank']} {r['low_rank']:.3f}"),
+        )  # fmt: skip
+        console.print((out / "gradient_similarity.md").read_text(encoding="utf-8"), highlight=False, markup=False)
+        console.print(f"{len(rows)} checkpoints; gradient_similarity.json, .md and .png in {out}", highlight=False)
+
+
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
@@ -266,6 +323,29 @@ def build_parser() -> argparse.ArgumentParser:
     fp.add_argument("--timeout", type=float, default=None, help="give up after this many seconds (default: no limit)")
     fp = fsub.add_parser("app", help="write the Flower App (pyproject.toml) that runs rankfed experiments, for `flwr run`")
     fp.add_argument("dir", help="folder to write")
+    sp = sub.add_parser("analyze", help="rank analysis along a run's checkpoints: Hessian stable rank, gradient similarity")
+    asub = sp.add_subparsers(dest="analysis", required=True)
+    for name, helptext in (
+        ("stable-rank", "stable rank ||H||_F^2/||H||_2^2 of the loss Hessian on random training subsets of each size"),
+        ("gradient-similarity", "mean pairwise cosine similarity of clients' gradients, full vs rank-r"),
+    ):
+        ap = asub.add_parser(name, help=helptext)
+        ap.add_argument("source", help="a run folder with checkpoints, or an experiment file to train first")
+        ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE", help="with an experiment file: override a config value")
+        ap.add_argument("--checkpoint-every", type=int, default=0, help="with an experiment file: checkpoint every n rounds (default: rounds / 10)")
+        ap.add_argument("--rounds", help="checkpoints to analyse, e.g. 0,50,100 (default: all)")
+        ap.add_argument("--seed", type=int, default=0, help="seed of the subsets / client choice and the probes")
+        ap.add_argument("--out", help="output folder (default: RUN_DIR/analysis)")
+        ap.add_argument("--overwrite", action="store_true", help="with an experiment file: replace an existing training run folder")
+        if name == "stable-rank":
+            ap.add_argument("--sizes", default="50,500", help="subset sizes, comma-separated (default 50,500)")
+            ap.add_argument("--subsets", type=int, default=3, help="random subsets per size (default 3)")
+            ap.add_argument("--probes", type=int, default=100, help="Hutchinson probes for ||H||_F^2 (default 100)")
+            ap.add_argument("--lanczos-steps", type=int, default=30, help="Lanczos iterations for ||H||_2 (default 30)")
+            ap.add_argument("--confidence", type=float, default=0.95, help="confidence level of the interval (default 0.95)")
+        else:
+            ap.add_argument("--clients", default="10", help="how many clients (a seeded choice), or ids like 0,3,7 (default 10)")
+            ap.add_argument("--rank", type=int, default=4, help="rank of the approximations (default 4)")
     sp = sub.add_parser("plot", help="plot run folders: accuracy vs round and vs cumulative bytes")
     sp.add_argument("runs", nargs="+", help="run folders, or a compare folder")
     sp.add_argument("--out", help="PNG file (default: plot.png in the first folder)")
@@ -315,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{1e3 * sum(s['mean_step_s_per_worker']) / len(s['mean_step_s_per_worker']):.1f} ms per step; run folder {out}",
                 highlight=False,
             )
+        elif args.command == "analyze":
+            _analyze(args, console, err)
         elif args.command == "flower":
             return _flower(args, console, err)
         elif args.command == "demo":

@@ -106,6 +106,7 @@ class FederationConfig:
     # stateless: a sampled client downloads what it needs; stateful: every client keeps a
     # replica and receives every round's broadcast; auto: what the algorithm's paper assumes
     client_kind: str = "auto"
+    checkpoint_every: int = 0  # > 0: save the global model every n rounds (and before round 1 and after the last)
 
     def __post_init__(self) -> None:
         _choice("federation.client_kind", self.client_kind, ("auto", "stateless", "stateful"))
@@ -119,6 +120,8 @@ class FederationConfig:
             raise _bad("federation.eval_every", self.eval_every, "must be >= 1")
         if self.eval_batch_size < 1:
             raise _bad("federation.eval_batch_size", self.eval_batch_size, "must be >= 1")
+        if self.checkpoint_every < 0:
+            raise _bad("federation.checkpoint_every", self.checkpoint_every, "must be >= 0 (0 = no checkpoints)")
         _choice("federation.device", self.device, ("cpu", "cuda", "auto"))
 
     @property

@@ -8,7 +8,9 @@ A run folder holds:
 * ``rounds.jsonl``  - one line per round, with the bytes of every client;
 * ``summary.json``  - best and final accuracy, byte totals, parameter count,
   algorithm options;
-* ``model.pt``      - the final global model's state dict (``torch.save``).
+* ``model.pt``      - the final global model's state dict (``torch.save``);
+* ``checkpoints/round-NNNN.pt`` - with ``federation.checkpoint_every = n``: the global model
+  before round 1 (``round-0000``), every n rounds and after the last (for ``rankfed analyze``).
 """
 
 from __future__ import annotations
@@ -198,12 +200,23 @@ class RunFolder:
         self.path.mkdir(parents=True, exist_ok=True)
         for name in ("metrics.jsonl", "rounds.jsonl", "summary.json", "model.pt"):
             (self.path / name).unlink(missing_ok=True)
+        for old in (self.path / "checkpoints").glob("round-*.pt"):
+            old.unlink()
 
     def write_text(self, name: str, text: str) -> None:
         """Write atomically: a reader never sees half a file."""
         tmp = self.path / f".{name}.tmp"
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, self.path / name)
+
+    def save_checkpoint(self, rnd: int, state: dict[str, torch.Tensor]) -> Path:
+        """The global model after round ``rnd`` (0 = the initial model), written atomically."""
+        d = self.path / "checkpoints"
+        d.mkdir(exist_ok=True)
+        tmp, final = d / f".round-{rnd:04d}.pt.tmp", d / f"round-{rnd:04d}.pt"
+        torch.save(state, tmp)
+        os.replace(tmp, final)
+        return final
 
     def append_jsonl(self, name: str, record: dict) -> None:
         with open(self.path / name, "a", encoding="utf-8") as f:
@@ -307,10 +320,15 @@ def run_experiment(
         folder.write_text("config.toml", to_toml(cfg))
     sim = exp.simulator()
     t0 = time.perf_counter()
+    every = cfg.federation.checkpoint_every
+    if folder and every:
+        folder.save_checkpoint(0, sim.server.global_model_state())
 
     def _on_round(rec: RoundRecord) -> None:
         if folder:
             folder.on_round(rec)
+            if every and (rec.round % every == 0 or rec.round == cfg.federation.rounds):
+                folder.save_checkpoint(rec.round, sim.server.global_model_state())
         if on_round:
             on_round(rec)
 

@@ -76,7 +76,7 @@ def main(grid: Grid, context: Context) -> None:
         cfg = experiment_from_run_config(context.run_config)
         folder.write_text("config.toml", to_toml(cfg))
         exp = build_experiment(cfg)
-        strategy = RankfedStrategy(exp, on_round=folder.on_round)
+        strategy = RankfedStrategy(exp, on_round=folder.on_round, on_checkpoint=folder.save_checkpoint)
         grid = QuickPollGrid(grid)
         strategy.connect(grid, cfg.flower.connect_timeout)
         try:

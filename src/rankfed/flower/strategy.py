@@ -109,7 +109,7 @@ class _Round:
 class RankfedStrategy(Strategy):
     """Runs ``exp``'s algorithm over a Flower grid; writes rounds to ``on_round``."""
 
-    def __init__(self, exp: Experiment, on_round=None):
+    def __init__(self, exp: Experiment, on_round=None, on_checkpoint=None):
         self.exp = exp
         self.cfg = exp.cfg
         self.ctx = exp.ctx
@@ -121,6 +121,9 @@ class RankfedStrategy(Strategy):
         self.test_y = exp.dataset.test_y.to(exp.ctx.device)
         self.nodes: NodeMap | None = None
         self.on_round = on_round
+        self.on_checkpoint = on_checkpoint  # (round, global state) every federation.checkpoint_every rounds
+        if on_checkpoint is not None and self.cfg.federation.checkpoint_every:
+            on_checkpoint(0, self.server.global_model_state())
         self.history: list[RoundRecord] = []
         self.cum_up = self.cum_down = self.cum_flower_up = self.cum_flower_down = 0
         self.failures_total = 0
@@ -345,6 +348,9 @@ class RankfedStrategy(Strategy):
         rec.wall_s = time.perf_counter() - self._t_start
         if self.on_round is not None:
             self.on_round(rec)
+        every = self.cfg.federation.checkpoint_every
+        if self.on_checkpoint is not None and every and (server_round % every == 0 or server_round == self.ctx.rounds):
+            self.on_checkpoint(server_round, self._global_state)
         if rec.accuracy is None:
             return None
         return MetricRecord({"accuracy": rec.accuracy, "loss": rec.loss})
