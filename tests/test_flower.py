@@ -132,8 +132,8 @@ def test_hosted_clients_cover_every_client_once():
 
 
 def test_flower_section_is_checked():
-    with pytest.raises(Exception, match="flower.min_clients = 0"):
-        parse_config({"flower": {"min_clients": 0}})
+    with pytest.raises(Exception, match="federation.min_clients = 0"):
+        parse_config({"federation": {"min_clients": 0}})
     with pytest.raises(Exception, match="flower.round_timeout"):
         parse_config({"flower": {"round_timeout": -1.0}})
 
@@ -224,7 +224,7 @@ def test_a_supernode_killed_mid_run_does_not_stop_the_run(tmp_path):
 
 @pytest.mark.slow
 def test_too_few_replies_skip_the_round_and_keep_the_model(tmp_path):
-    _, cfg = _cfg(tmp_path, ["federation.clients=2", "federation.participation=1.0", "federation.rounds=2", "flower.round_timeout=15", "flower.min_clients=2"])
+    _, cfg = _cfg(tmp_path, ["federation.clients=2", "federation.participation=1.0", "federation.rounds=2", "flower.round_timeout=15", "federation.min_clients=2"])
     with LocalDeployment(2, tmp_path / "logs") as dep:
 
         def on_metrics(m):
@@ -235,6 +235,18 @@ def test_too_few_replies_skip_the_round_and_keep_the_model(tmp_path):
     assert s["status"] == "completed" and s["skipped_rounds"] == [2]
     lines = [json.loads(x) for x in (tmp_path / "fl" / "metrics.jsonl").read_text().splitlines()]
     assert lines[1]["accuracy"] == lines[0]["accuracy"] and lines[1]["skipped"]  # the model did not change
+
+
+@pytest.mark.slow
+def test_bad_uploads_from_a_supernode_are_dropped_and_counted(tmp_path):
+    _, cfg = _cfg(tmp_path, ["federation.clients=2", "federation.participation=1.0", "federation.rounds=2"])
+    with LocalDeployment(2, tmp_path / "logs", node_config={1: 'rankfed-fault="nan"'}) as dep:
+        s = run_flower(cfg, tmp_path / "fl", superlink=dep.address, insecure=True, timeout=300)
+    assert s["status"] == "completed", s.get("error")
+    assert s["failed_client_rounds"] == 2 and s["failure_reasons"] == {"bad upload": 2}
+    assert "non-finite" in s["failure_examples"]["bad upload"]
+    lines = [json.loads(x) for x in (tmp_path / "fl" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["rejected_uploads"] for m in lines] == [1, 1] and all(m["accuracy"] > 0.2 for m in lines)
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """The ``rankfed`` command.
 
     rankfed run CONFIG.toml [--out DIR] [--set section.key=value ...]
+    rankfed run --resume RUN_DIR
     rankfed compare CONFIG.toml --algorithms fedavg,... [--out DIR]
     rankfed demo [--out DIR]
     rankfed plot DIR [DIR ...] [--out FILE.png]
@@ -81,12 +82,12 @@ class _ProgressReporter:
             self.console.print(f"{self.label} round {rec.round}/{self.total}  {status}", highlight=False)
 
 
-def _run_one(cfg: ExperimentConfig, out: Path, console: Console, quiet: bool, overwrite: bool, label: str, dataset=None) -> dict:
+def _run_one(cfg: ExperimentConfig, out: Path, console: Console, quiet: bool, overwrite: bool, label: str, dataset=None, resume: bool = False) -> dict:
     from rankfed.runner import run_experiment
 
     with _ProgressReporter(console, cfg.federation.rounds, label, quiet) as report:
         command = "rankfed " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-        return run_experiment(cfg, out, overwrite=overwrite, on_round=report, dataset=dataset, command=command)
+        return run_experiment(cfg, out, overwrite=overwrite, on_round=report, dataset=dataset, command=command, resume=resume)
 
 
 def _is_plain_fedavg(summary: dict) -> bool:
@@ -287,15 +288,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def common(sp: argparse.ArgumentParser, config: bool = True) -> None:
+    def common(sp: argparse.ArgumentParser, config: bool = True, optional_config: bool = False) -> None:
         if config:
-            sp.add_argument("config", help="experiment file (TOML)")
+            sp.add_argument("config", nargs="?" if optional_config else None, help="experiment file (TOML)")
             sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
         sp.add_argument("--out", help="output folder")
         sp.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
     sp = sub.add_parser("run", help="run one experiment in the simulator")
-    common(sp)
+    common(sp, optional_config=True)
+    sp.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last saved state (no CONFIG)")
     sp = sub.add_parser("compare", help="run the same task with several algorithms and tabulate")
     common(sp)
     sp.add_argument("--algorithms", required=True, help="comma-separated algorithm names or [algorithms.<label>] variants, e.g. fedavg,mapa")
@@ -361,9 +363,19 @@ def main(argv: list[str] | None = None) -> int:
     err = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 160)
     try:
         if args.command == "run":
-            cfg = load_config(args.config, args.overrides)
-            out = Path(args.out or f"runs/{cfg.task.dataset}-{cfg.algorithm.name}-{_stamp()}")
-            s = _run_one(cfg, out, err, args.quiet, args.overwrite, cfg.algorithm.name)
+            if args.resume:
+                if args.config or args.overrides or args.out:
+                    raise ConfigError("--resume RUN_DIR continues that run as it was configured: give no CONFIG, --set or --out")
+                out = Path(args.resume)
+                cfg = load_config(out / "config.toml") if (out / "config.toml").is_file() else None
+                if cfg is None:
+                    raise FileNotFoundError(f"--resume {args.resume!r}: not a run folder (no config.toml)")
+            elif args.config is None:
+                raise ConfigError("rankfed run: give an experiment file (or --resume RUN_DIR)")
+            else:
+                cfg = load_config(args.config, args.overrides)
+                out = Path(args.out or f"runs/{cfg.task.dataset}-{cfg.algorithm.name}-{_stamp()}")
+            s = _run_one(cfg, out, err, args.quiet, args.overwrite, cfg.algorithm.name, resume=bool(args.resume))
             if s.get("status") == "diverged":
                 err.print(f"rankfed: warning: {s['diverged']}; the run stopped there", highlight=False)
             best = "-" if s["best_accuracy"] is None else f"{100 * s['best_accuracy']:.2f}% at round {s['best_round']}"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import sys
 import types
 import typing
@@ -51,6 +52,9 @@ def _bad(key: str, value: Any, why: str) -> ConfigError:
     return ConfigError(f"{key} = {value!r}: {why}")
 
 
+_MAX_SEED = 2**32 - 1
+
+
 def _choice(key: str, value: str, choices: typing.Iterable[str]) -> None:
     choices = tuple(choices)
     if value not in choices:
@@ -78,8 +82,8 @@ class TaskConfig:
 
         _choice("task.dataset", self.dataset, DATASETS)
         _choice("task.partition", self.partition, PARTITIONS)
-        if not self.alpha > 0:
-            raise _bad("task.alpha", self.alpha, "must be > 0")
+        if not 0 < self.alpha < math.inf:
+            raise _bad("task.alpha", self.alpha, "must be > 0 and finite")
         if self.classes_per_client < 1:
             raise _bad("task.classes_per_client", self.classes_per_client, "must be >= 1")
         if not 0 <= self.holdout < 1:
@@ -107,6 +111,9 @@ class FederationConfig:
     # replica and receives every round's broadcast; auto: what the algorithm's paper assumes
     client_kind: str = "auto"
     checkpoint_every: int = 0  # > 0: save the global model every n rounds (and before round 1 and after the last)
+    # a round aggregates if at least this many valid uploads arrive (bad ones are dropped); else it is skipped
+    min_clients: int = 1
+    resume_every: int = 10  # save what `rankfed run --resume` needs every n rounds (0 = never)
 
     def __post_init__(self) -> None:
         _choice("federation.client_kind", self.client_kind, ("auto", "stateless", "stateful"))
@@ -116,10 +123,16 @@ class FederationConfig:
             raise _bad("federation.participation", self.participation, "must be in (0, 1]")
         if self.rounds < 1:
             raise _bad("federation.rounds", self.rounds, "must be >= 1")
+        if not 0 <= self.seed <= _MAX_SEED:  # NumPy's legacy seeding and scikit-learn take 32-bit seeds
+            raise _bad("federation.seed", self.seed, f"must be in [0, {_MAX_SEED}]")
         if self.eval_every < 1:
             raise _bad("federation.eval_every", self.eval_every, "must be >= 1")
         if self.eval_batch_size < 1:
             raise _bad("federation.eval_batch_size", self.eval_batch_size, "must be >= 1")
+        if self.resume_every < 0:
+            raise _bad("federation.resume_every", self.resume_every, "must be >= 0 (0 = no resume state)")
+        if self.min_clients < 1:
+            raise _bad("federation.min_clients", self.min_clients, "must be >= 1")
         if self.checkpoint_every < 0:
             raise _bad("federation.checkpoint_every", self.checkpoint_every, "must be >= 0 (0 = no checkpoints)")
         _choice("federation.device", self.device, ("cpu", "cuda", "auto"))
@@ -149,14 +162,14 @@ class ClientConfig:
     def __post_init__(self) -> None:
         _choice("client.optimizer", self.optimizer, ("sgd", "adamw"))
         _choice("client.lr_schedule", self.lr_schedule, ("constant", "cosine"))
-        if not self.lr > 0:
-            raise _bad("client.lr", self.lr, "must be > 0")
+        if not 0 < self.lr < math.inf:
+            raise _bad("client.lr", self.lr, "must be > 0 and finite")
         if not 0 <= self.momentum < 1:
             raise _bad("client.momentum", self.momentum, "must be in [0, 1)")
         if self.nesterov and self.momentum == 0:
             raise _bad("client.nesterov", self.nesterov, "needs client.momentum > 0")
-        if self.weight_decay < 0:
-            raise _bad("client.weight_decay", self.weight_decay, "must be >= 0")
+        if not 0 <= self.weight_decay < math.inf:
+            raise _bad("client.weight_decay", self.weight_decay, "must be >= 0 and finite")
         if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
             raise _bad("client.betas", self.betas, "must be two numbers in [0, 1)")
         if self.local_epochs < 1:
@@ -167,8 +180,8 @@ class ClientConfig:
             raise _bad("client.batch_size", self.batch_size, "must be >= 1")
         if not 0 <= self.lr_min <= self.lr:
             raise _bad("client.lr_min", self.lr_min, f"must be in [0, client.lr = {self.lr}]")
-        if self.grad_clip < 0:
-            raise _bad("client.grad_clip", self.grad_clip, "must be >= 0")
+        if not 0 <= self.grad_clip < math.inf:
+            raise _bad("client.grad_clip", self.grad_clip, "must be >= 0 and finite (0 = off)")
 
 
 @dataclass
@@ -191,13 +204,10 @@ class AlgorithmConfig:
 class FlowerConfig:
     """How a run behaves on a Flower deployment (``rankfed flower run``; the simulator ignores it)."""
 
-    min_clients: int = 1  # a round aggregates if at least this many sampled clients reply; else it is skipped
     round_timeout: float = 600.0  # seconds to wait for a round's replies (a dead SuperNode costs this once)
     connect_timeout: float = 120.0  # seconds to wait for every SuperNode to connect at the start
 
     def __post_init__(self) -> None:
-        if self.min_clients < 1:
-            raise _bad("flower.min_clients", self.min_clients, "must be >= 1")
         if not self.round_timeout > 0:
             raise _bad("flower.round_timeout", self.round_timeout, "must be > 0 (seconds)")
         if not self.connect_timeout > 0:
@@ -233,7 +243,11 @@ class ExperimentConfig:
             opts.pop("client", None)  # client overrides: see with_algorithm
             if name not in ALGORITHMS:
                 raise _bad(f"algorithms.{label}.name" if label != name else "algorithms", name, f"must be one of {', '.join(sorted(ALGORITHMS))}")
-            ALGORITHMS[name].parse_options(opts, section=f"algorithms.{label}")
+            try:
+                ALGORITHMS[name].parse_options(opts, section=f"algorithms.{label}")
+            except ConfigError as e:  # an option check names "algorithm.x": point at the variant's table
+                msg = str(e)
+                raise ConfigError(f"algorithms.{label}.{msg.removeprefix('algorithm.')}" if msg.startswith("algorithm.") else msg) from None
             return AlgorithmConfig(name=name, options=opts)
         if label not in ALGORITHMS:
             raise ConfigError(f"unknown algorithm or variant {label!r}; algorithms: {', '.join(sorted(ALGORITHMS))}; variants: {', '.join(self.algorithms) or 'none'}")
@@ -248,6 +262,8 @@ class ExperimentConfig:
     def variant_client(self, label: str) -> ClientConfig:
         """[client] with the variant's ``client`` table applied over it."""
         overrides = self.algorithms.get(label, {}).get("client", {})
+        if not isinstance(overrides, dict):
+            raise _bad(f"algorithms.{label}.client", overrides, "must be a table of [client] keys")
         if not overrides:
             return self.client
         try:
@@ -270,7 +286,10 @@ def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return False, value
-        return True, float(value)
+        try:
+            return True, float(value)
+        except OverflowError:  # an integer beyond float range: +-inf, which the range checks reject
+            return True, math.inf if value > 0 else -math.inf
     if tp is int:
         return (isinstance(value, int) and not isinstance(value, bool)), value
     if tp is bool:
@@ -314,6 +333,8 @@ def from_mapping(cls: type, data: dict, section: str) -> Any:
 
 def parse_config(data: dict) -> ExperimentConfig:
     """Build an :class:`ExperimentConfig` from a parsed TOML document."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"an experiment must be a table of sections, got {type(data).__name__}")
     known = {*_SECTIONS, "algorithm", "algorithms"}
     for key in data:
         if key not in known:
@@ -321,9 +342,10 @@ def parse_config(data: dict) -> ExperimentConfig:
             hint = f" (did you mean [{close[0]}]?)" if close else f" (sections: {', '.join(sorted(known))})"
             raise ConfigError(f"unknown section [{key}]{hint}")
     parts = {name: from_mapping(cls, data.get(name, {}), name) for name, cls in _SECTIONS.items()}
-    algo = dict(data.get("algorithm", {}))
+    algo = data.get("algorithm", {})
     if not isinstance(algo, dict):
         raise _bad("algorithm", algo, "must be a table")
+    algo = dict(algo)
     name = algo.pop("name", "fedavg")
     if not isinstance(name, str):
         raise _bad("algorithm.name", name, "must be a string")
@@ -368,11 +390,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     data: dict = {}
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"experiment file {str(p)!r} is a folder, not a TOML file")
         if not p.is_file():
             raise ConfigError(f"experiment file {str(p)!r} does not exist")
         try:
-            data = tomllib.loads(p.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: not valid TOML: not UTF-8 text ({e})") from None
+        except OSError as e:
+            raise ConfigError(f"experiment file {str(p)!r} cannot be read: {e.strerror or e}") from None
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{p}: not valid TOML: {e}") from None
     apply_overrides(data, overrides or [])
     return parse_config(data)

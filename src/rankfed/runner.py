@@ -39,6 +39,9 @@ from rankfed.wire import encoded_size
 
 __all__ = ["Experiment", "build_experiment", "build_run_parts", "client_kind", "run_experiment", "RunFolder", "DEFAULT_MODELS", "resolve_device"]
 
+RESUME_FILE = "resume.pt"  # in a run folder: the state `rankfed run --resume` continues from
+_RESUME_FORMAT = 1
+
 # The reference model of each dataset (the papers' choices where they have one).
 DEFAULT_MODELS = {
     "digits": "mlp",
@@ -85,6 +88,7 @@ class Experiment:
             eval_every=fed.eval_every,
             eval_batch_size=fed.eval_batch_size,
             client_kind=self.client_kind,
+            min_clients=fed.min_clients,
         )
 
     @property
@@ -193,12 +197,20 @@ def build_experiment(cfg: ExperimentConfig, dataset: Dataset | None = None) -> E
 class RunFolder:
     """Writes a run folder; refuses to write into a non-empty one unless ``overwrite``."""
 
+    @staticmethod
+    def check_writable(path: str | os.PathLike, overwrite: bool = False) -> None:
+        """Raise FileExistsError if ``path`` is a file, or a non-empty folder without ``overwrite``."""
+        p = Path(path)
+        if p.exists() and not p.is_dir():
+            raise FileExistsError(f"run folder {str(p)!r} is a file, not a folder")
+        if p.exists() and any(p.iterdir()) and not overwrite:
+            raise FileExistsError(f"run folder {str(p)!r} exists and is not empty (pass --overwrite to replace it)")
+
     def __init__(self, path: str | os.PathLike, overwrite: bool = False):
         self.path = Path(path)
-        if self.path.exists() and any(self.path.iterdir()) and not overwrite:
-            raise FileExistsError(f"run folder {str(self.path)!r} exists and is not empty (pass --overwrite to replace it)")
+        self.check_writable(self.path, overwrite)
         self.path.mkdir(parents=True, exist_ok=True)
-        for name in ("metrics.jsonl", "rounds.jsonl", "summary.json", "model.pt"):
+        for name in ("metrics.jsonl", "rounds.jsonl", "summary.json", "model.pt", RESUME_FILE):
             (self.path / name).unlink(missing_ok=True)
         for old in (self.path / "checkpoints").glob("round-*.pt"):
             old.unlink()
@@ -208,6 +220,31 @@ class RunFolder:
         tmp = self.path / f".{name}.tmp"
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, self.path / name)
+
+    @classmethod
+    def existing(cls, path: str | os.PathLike) -> RunFolder:
+        """An existing run folder, opened to continue it (nothing deleted)."""
+        folder = cls.__new__(cls)
+        folder.path = Path(path)
+        if not (folder.path / "config.toml").is_file():
+            raise FileNotFoundError(f"{str(path)!r} is not a run folder (no config.toml)")
+        return folder
+
+    def truncate_rounds(self, last_round: int) -> None:
+        """Drop the metrics.jsonl and rounds.jsonl lines of rounds after ``last_round`` (and a
+        line cut short by a kill), so a resumed run appends where its saved state ends."""
+        for name in ("metrics.jsonl", "rounds.jsonl"):
+            file = self.path / name
+            if not file.exists():
+                continue
+            keep = []
+            for line in file.read_text(encoding="utf-8").splitlines():
+                try:
+                    if json.loads(line)["round"] <= last_round:
+                        keep.append(line)
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue
+            self.write_text(name, "".join(k + "\n" for k in keep))
 
     def save_checkpoint(self, rnd: int, state: dict[str, torch.Tensor]) -> Path:
         """The global model after round ``rnd`` (0 = the initial model), written atomically."""
@@ -234,6 +271,8 @@ class RunFolder:
                 "broadcast_recipients": rec.broadcast_recipients,
                 "round_s": rec.round_s,
                 "train_loss": rec.train_loss,
+                "rejected": {str(c): why for c, why in rec.rejected.items()},
+                "skipped": rec.skipped,
                 **rec.transport,
             },
         )
@@ -299,6 +338,43 @@ def summarize(exp: Experiment, history: list[RoundRecord], wall_s: float, comman
     }
 
 
+def save_resume_state(folder: RunFolder, sim: Simulator, cfg: ExperimentConfig, wall_s: float) -> None:
+    """Everything ``rankfed run --resume`` needs to continue after the last finished round:
+    the server and client halves, the client-side state, the model objects, the history, the
+    byte counters and every RNG state; written atomically (a kill mid-write leaves the last one)."""
+    import random
+
+    state = {
+        "format": _RESUME_FORMAT,
+        "round": sim.history[-1].round if sim.history else 0,
+        "config": to_toml(cfg),
+        "server": sim.server,
+        "client": sim.client,
+        "worker": sim.worker,
+        "eval_model": sim.eval_model,
+        "replica": sim.replica,
+        "client_states": sim.client_states,
+        "history": sim.history,
+        "cum": (sim.cum_up, sim.cum_down),
+        "wall_s": wall_s,
+        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+    }
+    tmp = folder.path / f".{RESUME_FILE}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, folder.path / RESUME_FILE)
+
+
+def _restore(sim: Simulator, state: dict) -> None:
+    import random
+
+    sim.server, sim.client, sim.worker, sim.eval_model = state["server"], state["client"], state["worker"], state["eval_model"]
+    sim.replica, sim.client_states, sim.history = state["replica"], state["client_states"], state["history"]
+    sim.cum_up, sim.cum_down = state["cum"]
+    torch.set_rng_state(state["rng"]["torch"])
+    np.random.set_state(state["rng"]["numpy"])
+    random.setstate(state["rng"]["python"])
+
+
 def run_experiment(
     cfg: ExperimentConfig,
     out_dir: str | os.PathLike | None = None,
@@ -307,21 +383,48 @@ def run_experiment(
     on_round: Callable[[RoundRecord], None] | None = None,
     dataset: Dataset | None = None,
     command: str | None = None,
+    resume: bool = False,
 ) -> dict:
     """Run one experiment in the simulator; write the run folder if ``out_dir`` is given.
 
     ``command`` (the command line that asked for the run) is recorded in the summary.
+    With ``resume``, ``out_dir`` is a run folder of ``cfg`` whose run was interrupted: it
+    continues from its last saved state (``resume.pt``, written every
+    ``federation.resume_every`` rounds) and ends as the uninterrupted run would have.
 
     Returns the summary (also written to ``summary.json``).
     """
-    folder = RunFolder(out_dir, overwrite=overwrite) if out_dir is not None else None
-    exp = build_experiment(cfg, dataset)
-    if folder:
-        folder.write_text("config.toml", to_toml(cfg))
-    sim = exp.simulator()
-    t0 = time.perf_counter()
+    if resume:
+        if out_dir is None:
+            raise ValueError("resume needs the run folder")
+        folder = RunFolder.existing(out_dir)
+        state_file = folder.path / RESUME_FILE
+        if not state_file.is_file():
+            raise FileNotFoundError(f"{str(out_dir)!r} has no {RESUME_FILE} to resume from (federation.resume_every = 0, or killed before round {cfg.federation.resume_every})")
+        try:
+            state = torch.load(state_file, map_location="cpu", weights_only=False)  # this run's own file
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"{state_file}: not a readable resume state ({type(e).__name__}: {e})") from None
+        if state.get("format") != _RESUME_FORMAT or state.get("config") != to_toml(cfg):
+            raise ValueError(f"{state_file}: saved by a different experiment or rankfed version; cannot resume it with {str(out_dir)!r}/config.toml")
+    elif out_dir is not None:
+        RunFolder.check_writable(out_dir, overwrite)  # before the (slow) build: refuse early
+    exp = build_experiment(cfg, dataset)  # bad data or options fail here or in the simulator's
+    sim = exp.simulator()  # set-up (MAPA's k > d ...), before any folder exists
+    if not resume:
+        folder = RunFolder(out_dir, overwrite=overwrite) if out_dir is not None else None
+        if folder:
+            folder.write_text("config.toml", to_toml(cfg))
+    start, wall0 = 1, 0.0
+    if resume:
+        _restore(sim, state)
+        start, wall0 = state["round"] + 1, state["wall_s"]
+        folder.truncate_rounds(state["round"])
+        sim._t_start = time.perf_counter() - (sim.history[-1].wall_s if sim.history else 0.0)
+    t0 = time.perf_counter() - wall0
     every = cfg.federation.checkpoint_every
-    if folder and every:
+    save_every = cfg.federation.resume_every
+    if folder and every and not resume:
         folder.save_checkpoint(0, sim.server.global_model_state())
 
     def _on_round(rec: RoundRecord) -> None:
@@ -329,20 +432,25 @@ def run_experiment(
             folder.on_round(rec)
             if every and (rec.round % every == 0 or rec.round == cfg.federation.rounds):
                 folder.save_checkpoint(rec.round, sim.server.global_model_state())
+            if save_every and rec.round % save_every == 0 and rec.round < cfg.federation.rounds:
+                save_resume_state(folder, sim, cfg, time.perf_counter() - t0)
         if on_round:
             on_round(rec)
 
     diverged = None
     try:
-        history = sim.run(_on_round)
+        history = sim.run(_on_round, start_round=start)
     except Diverged as e:  # a result, not a crash: the rounds before it stand
         history, diverged = sim.history, e
     summary = summarize(exp, history, time.perf_counter() - t0, command)
     summary["status"] = "completed" if diverged is None else "diverged"
+    if resume:
+        summary["resumed_from_round"] = start - 1
     if diverged is not None:
         summary["diverged_at_round"] = diverged.round
         summary["diverged"] = str(diverged)
     if folder:
         torch.save(sim.server.global_model_state(), folder.path / "model.pt")
         folder.write_text("summary.json", json.dumps(summary, indent=2) + "\n")
+        (folder.path / RESUME_FILE).unlink(missing_ok=True)  # finished: nothing to resume
     return summary

@@ -24,6 +24,7 @@ FedAvg upload is 4*d bytes plus a few bytes per tensor, and a MAPA upload is
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Mapping
 from typing import Union
@@ -181,7 +182,7 @@ def decode(data: bytes | bytearray | memoryview) -> Payload:
                 raise WireError(f"unknown dtype code {code} for entry {name!r}")
             dtype = _DTYPES[code]
             shape = r.unpack(f"<{ndim}I")
-            numel = int(np.prod(shape, dtype=np.int64)) if ndim else 1
+            numel = math.prod(shape)  # Python ints: no overflow; take() refuses what is not there
             raw = r.take(numel * _ITEMSIZE[dtype])
             if dtype == torch.bfloat16:
                 t = torch.frombuffer(raw, dtype=torch.int16, count=numel).view(torch.bfloat16) if numel else torch.empty(0, dtype=dtype)
@@ -194,7 +195,10 @@ def decode(data: bytes | bytearray | memoryview) -> Payload:
             out[name] = r.unpack("<d")[0]
         elif kind == _KIND_STR:
             (n,) = r.unpack("<I")
-            out[name] = bytes(r.take(n)).decode("utf-8")
+            try:
+                out[name] = bytes(r.take(n)).decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise WireError(f"payload entry {name!r}: string is not utf-8: {e}") from None
         elif kind == _KIND_BOOL:
             out[name] = bool(r.unpack("<B")[0])
         else:

@@ -83,8 +83,8 @@ class MFedLoruOptions(FedLoruOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.tiers = _check_tiers(self.tiers, ("rank_a", "rank_b"))
-        if self.nested_alpha < 0:
-            raise ConfigError(f"algorithm.nested_alpha = {self.nested_alpha}: must be >= 0 (0 = the nested rank)")
+        if not 0 <= self.nested_alpha < math.inf:
+            raise ConfigError(f"algorithm.nested_alpha = {self.nested_alpha}: must be >= 0 and finite (0 = the nested rank)")
         if self.compressor:
             raise ConfigError(f"algorithm.compressor = {self.compressor!r}: mfedloru sends nested factors, not compressed updates")
 

@@ -28,6 +28,7 @@ change of the trained tensors.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -60,8 +61,8 @@ class LoraOptions(CompressionOptions):
         super().__post_init__()
         if self.rank < 1:
             raise ConfigError(f"algorithm.rank = {self.rank}: must be >= 1")
-        if self.alpha < 0:
-            raise ConfigError(f"algorithm.alpha = {self.alpha}: must be >= 0 (0 = rank)")
+        if not 0 <= self.alpha < math.inf:
+            raise ConfigError(f"algorithm.alpha = {self.alpha}: must be >= 0 and finite (0 = rank)")
         for key in ("patterns", "exclude"):
             value = getattr(self, key)
             if not all(isinstance(p, str) for p in value):
@@ -130,6 +131,8 @@ def build_lora_model(model: nn.Module, opts: LoraOptions, run_seed: int, freeze_
         )
     except ValueError as e:
         raise ConfigError(f"algorithm.rank = {opts.rank}, patterns = {opts.patterns}: {e}") from None
+    except (RuntimeError, MemoryError) as e:  # a rank so large the factors cannot be allocated
+        raise ConfigError(f"algorithm.rank = {opts.rank}: the rank-{opts.rank} factors cannot be built ({type(e).__name__}: {e})") from None
     # Factor init is drawn on the CPU generator; move the new modules next to the base.
     return wrapped.to(next(model.parameters()).device)
 

@@ -57,8 +57,8 @@ class MapaOptions(CompressionOptions):
         super().__post_init__()
         if self.k < 1:
             raise ConfigError(f"algorithm.k = {self.k}: must be >= 1")
-        if self.sigma < 0:
-            raise ConfigError(f"algorithm.sigma = {self.sigma}: must be >= 0 (0 = 1/sqrt(ceil(d/k)))")
+        if not 0 <= self.sigma < math.inf:
+            raise ConfigError(f"algorithm.sigma = {self.sigma}: must be >= 0 and finite (0 = 1/sqrt(ceil(d/k)))")
         if self.a_dist not in ("gaussian", "ones"):
             raise ConfigError(f"algorithm.a_dist = {self.a_dist!r}: must be one of gaussian, ones")
 

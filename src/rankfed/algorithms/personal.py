@@ -25,6 +25,7 @@ drawn from (run seed, client id): L Kaiming-uniform, U zero.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,8 +59,8 @@ class PFedLoruOptions(FedLoruOptions):
         super().__post_init__()
         if self.personal_rank < 1:
             raise ConfigError(f"algorithm.personal_rank = {self.personal_rank}: must be >= 1")
-        if self.personal_alpha < 0:
-            raise ConfigError(f"algorithm.personal_alpha = {self.personal_alpha}: must be >= 0 (0 = personal_rank)")
+        if not 0 <= self.personal_alpha < math.inf:
+            raise ConfigError(f"algorithm.personal_alpha = {self.personal_alpha}: must be >= 0 and finite (0 = personal_rank)")
         _check_personal(self)
 
 
@@ -194,8 +195,13 @@ class PFedLoru(Algorithm):
     def make_client(self, model: nn.Module, ctx: RunContext) -> ClientHalf:
         o = self.options
         wrapped = build_lora_model(model, o, ctx.seed, freeze_down=False)
-        for layer in lora_layers(wrapped).values():
-            layer.add_personal(o.personal_rank, float(o.personal_alpha or o.personal_rank))
+        try:
+            for layer in lora_layers(wrapped).values():
+                layer.add_personal(o.personal_rank, float(o.personal_alpha or o.personal_rank))
+        except (RuntimeError, MemoryError) as e:  # a rank so large the personal factors cannot be allocated
+            raise ConfigError(
+                f"algorithm.personal_rank = {o.personal_rank}: the personal factors cannot be built ({type(e).__name__}: {e})"
+            ) from None
         personal = _personal_pairs(wrapped, own_pair=False)
         return PersonalClient(wrapped, personal, UplinkCodec(o), ctx.seed, o.personal_epochs, "alternate", o.reinit)
 

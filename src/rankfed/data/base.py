@@ -8,13 +8,15 @@ device).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["Dataset", "DataNotFoundError", "DataFormatError", "standardize"]
+__all__ = ["Dataset", "DataNotFoundError", "DataFormatError", "check_int_option", "check_number_option", "standardize"]
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -81,6 +83,20 @@ class Dataset:
             f"Dataset(name={self.name!r}, train={len(self.train_y)}, test={len(self.test_y)}, "
             f"num_classes={self.num_classes}, input_shape={self.input_shape}{groups})"
         )
+
+
+def check_int_option(dataset: str, option: str, value: Any, minimum: int) -> int:
+    """A dataset option that must be an int >= ``minimum`` (bools rejected): ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{dataset} {option} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def check_number_option(dataset: str, option: str, value: Any, minimum: float) -> float:
+    """A dataset option that must be a finite number >= ``minimum``: ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not minimum <= value < math.inf:
+        raise ValueError(f"{dataset} {option} must be a finite number >= {minimum}, got {value!r}")
+    return float(value)
 
 
 def standardize(

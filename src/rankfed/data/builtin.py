@@ -63,8 +63,8 @@ def load_mnist1d(*, seed: int = 0, num_samples: int | None = None) -> Dataset:
     if num_samples is not None:
         if not hasattr(args, "num_samples"):
             raise ValueError("this mnist1d version does not support the num_samples option")
-        if num_samples < 10:
-            raise ValueError(f"mnist1d num_samples must be at least 10 (one per class), got {num_samples}")
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 10:
+            raise ValueError(f"mnist1d num_samples must be at least 10 (one per class), got {num_samples!r}")
         args.num_samples = int(num_samples)
 
     # make_dataset reseeds Python's and NumPy's global generators; restore them so

@@ -79,6 +79,8 @@ def _data_folder(name: str, root: str | os.PathLike | None) -> Path:
     folder = Path(root).expanduser()
     if not (folder / train_files[0]).is_file() and (folder / subfolder).is_dir():
         folder = folder / subfolder
+    if folder.exists() and not folder.is_dir():
+        raise DataNotFoundError(f"{name} not found: {folder} is a file, not a folder; {hint}")
     if not folder.is_dir():
         raise DataNotFoundError(f"{name} not found: the folder {folder} does not exist; {hint}")
     missing = [f for f in train_files + test_files if not (folder / f).is_file()]
@@ -89,18 +91,26 @@ def _data_folder(name: str, root: str | os.PathLike | None) -> Path:
 
 def _read_batch(path: Path, label_key: bytes, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """One batch file -> (uint8 (N, 3072) pixels, int64 (N,) labels)."""
-    with path.open("rb") as f:
-        try:
+    try:
+        with path.open("rb") as f:
             batch = _ArrayUnpickler(f, encoding="bytes").load()
-        except Exception as err:  # a corrupt pickle can fail in many ways
-            reason = f"{type(err).__name__}: {err}"
-            raise DataFormatError(f"{path}: not a readable CIFAR pickle ({reason})") from err
+    except Exception as err:  # a corrupt pickle (or an unreadable file) can fail in many ways
+        reason = f"{type(err).__name__}: {err}"
+        raise DataFormatError(f"{path}: not a readable CIFAR pickle ({reason})") from err
     if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
         raise DataFormatError(f"{path}: expected a dict with keys b'data' and {label_key!r}")
-    data = np.asarray(batch[b"data"])
-    labels = np.asarray(batch[label_key])
+    try:
+        data = np.asarray(batch[b"data"])
+    except (ValueError, TypeError) as err:  # e.g. ragged nested lists
+        raise DataFormatError(f"{path}: b'data' is not an array ({err})") from None
+    try:
+        labels = np.asarray(batch[label_key])
+    except (ValueError, TypeError) as err:
+        raise DataFormatError(f"{path}: {label_key!r} is not a list of labels ({err})") from None
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != _PIXELS:
         raise DataFormatError(f"{path}: b'data' is {data.dtype} {data.shape}, expected uint8 (N, {_PIXELS})")
+    if len(data) == 0:
+        raise DataFormatError(f"{path}: holds no images")
     if labels.shape != (len(data),) or not np.issubdtype(labels.dtype, np.integer):
         raise DataFormatError(
             f"{path}: {label_key!r} must hold {len(data)} integer labels, got {labels.dtype} {labels.shape}"

@@ -60,7 +60,10 @@ def read_idx(path: Path, magic: int) -> np.ndarray:
         DataFormatError: bad gzip stream, wrong magic number, or a length that does
             not match the header (e.g. a truncated download).
     """
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise DataFormatError(f"{path}: cannot be read ({err.strerror or err})") from None
     if data[:2] == GZIP_MAGIC:  # decide by content, not by the file name's suffix
         try:
             data = gzip.decompress(data)
@@ -111,6 +114,8 @@ def _data_folder(name: str, root: str | os.PathLike | None) -> Path:
     how_to_get = f"set task.data_dir to {_FILES_HINT}"
     if name == "fmnist":
         how_to_get = f"run `apt-get install dataset-fashion-mnist` or {how_to_get}"
+    if folder.exists() and not folder.is_dir():
+        raise DataNotFoundError(f"{display} not found: {folder} is a file, not a folder; {how_to_get}")
     if not folder.is_dir():
         raise DataNotFoundError(f"{display} not found: the folder {folder} does not exist; {how_to_get}")
     torchvision_folder = folder / torchvision_name / "raw"
@@ -138,6 +143,8 @@ def _read_split(folder: Path, images_name: str, labels_name: str) -> tuple[np.nd
         raise DataFormatError(
             f"{labels_path}: {len(labels)} labels for {len(images)} images in {images_path}"
         )
+    if len(images) == 0:
+        raise DataFormatError(f"{images_path}: holds no images (the header's count is 0)")
     if len(labels) and labels.max() >= NUM_CLASSES:
         raise DataFormatError(f"{labels_path}: label {labels.max()} outside [0, {NUM_CLASSES})")
     return images, labels

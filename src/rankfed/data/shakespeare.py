@@ -112,13 +112,21 @@ def load_shakespeare(
     samples are ordered by role, then by position in the text.
     """
     for option, value in (("seq_len", seq_len), ("stride", stride), ("min_samples", min_samples)):
-        if value < 1:
-            raise ValueError(f"shakespeare {option} must be >= 1, got {value}")
-    if max_samples_per_role is not None and max_samples_per_role < 1:
-        raise ValueError(f"shakespeare max_samples_per_role must be >= 1 or None, got {max_samples_per_role}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"shakespeare {option} must be >= 1, got {value!r}")
+    if max_samples_per_role is not None and (
+        isinstance(max_samples_per_role, bool) or not isinstance(max_samples_per_role, int) or max_samples_per_role < 1
+    ):
+        raise ValueError(f"shakespeare max_samples_per_role must be >= 1 or None, got {max_samples_per_role!r}")
 
     path = _text_file(root)
-    roles = parse_play(path.read_text(encoding="utf-8", errors="replace"), source=str(path))
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise DataFormatError(f"{path}: cannot be read ({err.strerror or err})") from None
+    if b"\x00" in raw:  # a text file has no NUL bytes: a binary file or another encoding
+        raise DataFormatError(f"{path}: not a text file (it holds NUL bytes); expected play-format UTF-8 text")
+    roles = parse_play(raw.decode("utf-8", errors="replace"), source=str(path))
     if not roles:
         raise DataFormatError(f"{path}: no 'NAME:' speaker blocks found")
 

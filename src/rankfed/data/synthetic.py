@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import Dataset
+from .base import Dataset, check_int_option, check_number_option
 
 __all__ = ["load_synthetic"]
 
@@ -39,10 +39,9 @@ def load_synthetic(
     id of every train sample, so the ``natural`` partition gives one client per device.
     All draws come from ``np.random.default_rng(seed)``.
     """
-    if alpha < 0 or beta < 0:
-        raise ValueError(f"synthetic alpha and beta must be >= 0, got alpha={alpha}, beta={beta}")
-    if num_devices < 1:
-        raise ValueError(f"synthetic num_devices must be >= 1, got {num_devices}")
+    alpha = check_number_option("synthetic", "alpha", alpha, 0)
+    beta = check_number_option("synthetic", "beta", beta, 0)
+    check_int_option("synthetic", "num_devices", num_devices, 1)
 
     rng = np.random.default_rng(seed)
     sizes = np.minimum(rng.lognormal(4.0, 2.0, size=num_devices), MAX_SAMPLES_PER_DEVICE - 50)

@@ -5,7 +5,8 @@ file's text, so every machine runs the same one) and, on the server, the run
 folder to write (``out-dir``). A SuperNode learns which clients it hosts from
 its node config: ``partition-id`` and ``num-partitions`` (and, optionally,
 ``data-dir``: where this machine keeps the dataset, overriding
-``task.data_dir``).
+``task.data_dir``; and ``rankfed-fault = "nan"``, fault injection for tests: the
+SuperNode's uploads carry NaN, which the server must drop).
 
 Components, as a Flower App's ``pyproject.toml`` names them::
 
@@ -206,6 +207,8 @@ def train(msg: Message, context: Context) -> Message:
         cctx = ClientContext(cid, rnd, node.model, node.data[cid], node.trainer, state, replica)
         uplink = node.client.fit(broadcast if node.kind == "stateful" else downlinks[cid], cctx)
         _save_state(context, cid, state)
+        if context.node_config.get("rankfed-fault") == "nan":  # fault injection: a SuperNode sending garbage
+            uplink = {k: v * float("nan") if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in uplink.items()}
         out |= payload_to_records(uplink, f"up.{cid}")
     log(INFO, "rankfed: round %d: trained clients %s", rnd, cids)
     return Message(RecordDict(out), reply_to=msg)

@@ -146,12 +146,13 @@ class LocalDeployment:
     ``log_dir`` (superlink.log, supernode-<i>.log). ``address`` is the SuperLink's.
     """
 
-    def __init__(self, supernodes: int, log_dir: str | os.PathLike, *, data_dir: str | None = None, startup_timeout: float = 60.0):
+    def __init__(self, supernodes: int, log_dir: str | os.PathLike, *, data_dir: str | None = None, startup_timeout: float = 60.0, node_config: dict[int, str] | None = None):
         if supernodes < 1:
             raise ValueError(f"--supernodes {supernodes}: must be >= 1")
         self.supernodes = supernodes
         self.log_dir = Path(log_dir)
         self.data_dir = data_dir
+        self.extra_node_config = node_config or {}  # SuperNode i -> more "key=value" pairs
         self.startup_timeout = startup_timeout
         self._home = tempfile.TemporaryDirectory(prefix="rankfed-flwr-")
         self.home = Path(self._home.name)
@@ -183,6 +184,8 @@ class LocalDeployment:
             node_config = f"partition-id={i} num-partitions={self.supernodes}"
             if self.data_dir:
                 node_config += f' data-dir="{self.data_dir}"'
+            if i in self.extra_node_config:
+                node_config += " " + self.extra_node_config[i]
             self.nodes.append(
                 self._spawn(
                     [str(bindir / "flower-supernode"), "--insecure", "--superlink", self.address, "--node-config", node_config, "--port", str(_free_port())],

@@ -40,6 +40,8 @@ def _from_array(name: str, a: Array) -> torch.Tensor:
     if a.stype == _RAW:
         if a.dtype != "bfloat16":
             raise WireError(f"payload entry {name!r}: raw array of dtype {a.dtype!r} (only bfloat16 travels raw)")
+        if not a.data:  # frombuffer refuses an empty buffer
+            return torch.empty(a.shape, dtype=torch.bfloat16)
         return torch.frombuffer(bytearray(a.data), dtype=torch.int16).view(torch.bfloat16).reshape(a.shape)
     return torch.from_numpy(a.numpy().copy())
 

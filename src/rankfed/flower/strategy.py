@@ -15,9 +15,11 @@ not, so every replica stays current) and replies with one uplink per client.
 
 Failures: a SuperNode that is gone (no heartbeat), replies with an error, or
 does not reply within ``flower.round_timeout`` costs the round its clients; the
-round aggregates what arrived if at least ``flower.min_clients`` clients
-replied, and is skipped (the global model unchanged) otherwise. Both are
-counted per round and in the summary.
+round aggregates what arrived if at least ``federation.min_clients`` valid
+uploads did, and is skipped (the global model unchanged) otherwise. Uploads
+are checked as in the simulator (:mod:`rankfed.algorithms.validate`); a bad
+one counts as a failure ("bad upload: ..."). All are counted per round and in
+the summary.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
+from rankfed.algorithms.validate import aggregate_checked, nonfinite_entries, upload_limit
 from rankfed.runner import Experiment
 from rankfed.sim.simulator import Diverged, RoundRecord, evaluate, sample_clients
 from rankfed.wire import WireError, encode, encoded_size
@@ -114,6 +117,7 @@ class RankfedStrategy(Strategy):
         self.cfg = exp.cfg
         self.ctx = exp.ctx
         self.kind = exp.client_kind
+        self.max_upload_bytes = upload_limit(exp.model)
         self.server = exp.algorithm.make_server(exp.model.to(exp.ctx.device), exp.ctx)
         self.client_half = exp.algorithm.make_client(exp.model, exp.ctx)  # for .personalized only
         self.eval_model = copy.deepcopy(exp.model)
@@ -250,14 +254,17 @@ class RankfedStrategy(Strategy):
             if node not in answered:
                 for cid in cids:
                     r.failures[cid] = "no reply within flower.round_timeout"
-        ok = sorted(uplinks)  # the simulator's order: ascending client id
-        skipped = len(ok) < self.cfg.flower.min_clients
-        stats: dict = {}
+        arrived = sorted(uplinks)  # the simulator's order: ascending client id
+        min_clients = self.cfg.federation.min_clients
+        checked = aggregate_checked(self.server, r.rnd, [(cid, uplinks[cid][0]) for cid in arrived], min_clients=min_clients, max_bytes=self.max_upload_bytes)
+        if checked.all_nonfinite:
+            raise Diverged(r.rnd, sorted({n for cid in arrived for n in nonfinite_entries(uplinks[cid][0])}), where="every client's upload has")
+        self.server, stats, ok, skipped = checked.server, checked.stats, checked.accepted, checked.skipped
+        for cid, why in checked.rejected.items():
+            r.failures[cid] = f"bad upload: {why}"
         if skipped:
             self.skipped_rounds.append(r.rnd)
-            log(WARNING, "rankfed: round %d skipped: %d of %d sampled clients replied (flower.min_clients = %d)", r.rnd, len(ok), len(r.ids), self.cfg.flower.min_clients)
-        else:
-            stats = self.server.aggregate(r.rnd, [(cid, uplinks[cid][0]) for cid in ok])
+            log(WARNING, "rankfed: round %d skipped: %d of %d sampled clients sent a valid upload (federation.min_clients = %d)", r.rnd, len(ok), len(r.ids), min_clients)
         for cid, why in sorted(r.failures.items()):
             log(WARNING, "rankfed: round %d: client %d failed: %s", r.rnd, cid, why)
             self.failures_total += 1
@@ -268,7 +275,7 @@ class RankfedStrategy(Strategy):
         bad = [k for k, v in self._global_state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
         if bad:
             raise Diverged(r.rnd, bad)
-        up_sizes = [uplinks[cid][1] for cid in ok]
+        up_sizes = [uplinks[cid][1] for cid in arrived]  # bytes that crossed, bad uploads included
         down_sizes = [r.down_sizes[cid] for cid in r.ids if cid in r.down_sizes]
         recipients = self.ctx.num_clients if self.kind == "stateful" else 0
         down_total = sum(down_sizes) + r.broadcast_bytes * recipients
@@ -278,7 +285,7 @@ class RankfedStrategy(Strategy):
         self.cum_flower_down += r.flower_down
         rec = RoundRecord(
             round=r.rnd,
-            clients=ok,
+            clients=arrived,
             uplink_bytes=sum(up_sizes),
             downlink_bytes=down_total,
             cum_uplink_bytes=self.cum_up,
@@ -290,6 +297,8 @@ class RankfedStrategy(Strategy):
             downlink_bytes_per_client=down_sizes,
             broadcast_bytes=r.broadcast_bytes,
             broadcast_recipients=recipients,
+            rejected=checked.rejected,
+            skipped=skipped,
         )
         rec.transport = {  # what Flower moved (message sizes), beside the payload bytes above
             "flower_uplink_bytes": flower_up,
@@ -297,7 +306,6 @@ class RankfedStrategy(Strategy):
             "cum_flower_uplink_bytes": self.cum_flower_up,
             "cum_flower_downlink_bytes": self.cum_flower_down,
             "failed_clients": len(r.failures),
-            "skipped": skipped,
         }
         self.history.append(rec)
         return None, MetricRecord({"train_loss": rec.train_loss, "replied": len(ok), "failed": len(r.failures)})

@@ -20,6 +20,6 @@ Every convolution is a plain ``nn.Conv2d`` and every linear layer a plain
 ``nn.Linear``. All models return logits of shape ``(B, num_classes)``.
 """
 
-from .factory import MODELS, build_model, count_parameters
+from .factory import MODELS, ModelOptionError, build_model, count_parameters
 
-__all__ = ["MODELS", "build_model", "count_parameters"]
+__all__ = ["MODELS", "ModelOptionError", "build_model", "count_parameters"]

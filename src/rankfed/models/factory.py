@@ -20,7 +20,16 @@ from .resnet import ResNet18, WideResNet16_4
 from .text import CharLSTM, CharTransformer
 from .vision import CNN2, CNN3, MLP, LogisticRegression
 
-__all__ = ["MODELS", "build_model", "count_parameters"]
+__all__ = ["MODELS", "ModelOptionError", "build_model", "count_parameters"]
+
+
+class ModelOptionError(TypeError, ValueError):
+    """A model option the model does not accept.
+
+    A :class:`TypeError` (what a constructor raises for an unexpected keyword) and a
+    :class:`ValueError` (bad user input, which the command line reports in one line).
+    """
+
 
 _REGISTRY: dict[str, type[nn.Module]] = {
     "logreg": LogisticRegression,
@@ -76,7 +85,7 @@ def build_model(
     Raises:
         ValueError: unknown ``name``, an ``input_shape`` the model cannot take,
             a bad ``num_classes`` or a bad option value.
-        TypeError: an option the model does not accept.
+        ModelOptionError: an option the model does not accept (a TypeError and a ValueError).
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; valid choices: {', '.join(MODELS)}")
@@ -84,13 +93,18 @@ def build_model(
     valid = _options(model_cls)
     unknown = [option for option in options if option not in valid]
     if unknown:
-        raise TypeError(
+        raise ModelOptionError(
             f"model {name!r} got unknown option(s) {', '.join(map(repr, unknown))}; "
             f"valid options: {', '.join(valid) if valid else 'none'}"
         )
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-    return model_cls(_as_shape(input_shape), num_classes, **options)
+    shape = _as_shape(input_shape)
+    try:
+        return model_cls(shape, num_classes, **options)
+    except (RuntimeError, MemoryError) as e:  # e.g. a layer width so large its weights cannot be allocated
+        opts = ", ".join(f"{k}={v!r}" for k, v in options.items()) or "no options"
+        raise ValueError(f"model {name!r} ({opts}) cannot be built: {type(e).__name__}: {e}") from None
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

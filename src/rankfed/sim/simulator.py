@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rankfed.algorithms.base import CLIENT_KINDS, Algorithm, ClientContext, RunContext
+from rankfed.algorithms.validate import aggregate_checked, nonfinite_entries, upload_limit
 from rankfed.data import ClientData
 from rankfed.sim.trainer import LocalTrainer
 from rankfed.wire import decode, encode
@@ -34,10 +35,10 @@ __all__ = ["Simulator", "RoundRecord", "Diverged", "evaluate", "sample_clients"]
 class Diverged(RuntimeError):
     """The global model holds non-finite values after a round's aggregation (training diverged)."""
 
-    def __init__(self, rnd: int, names: list[str]):
+    def __init__(self, rnd: int, names: list[str], where: str = "the global model has"):
         self.round, self.names = rnd, names
         shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-        super().__init__(f"training diverged in round {rnd}: the global model has non-finite values in {shown} (try a lower client.lr)")
+        super().__init__(f"training diverged in round {rnd}: {where} non-finite values in {shown} (try a lower client.lr)")
 
 
 def _to_device(c: ClientData, device: torch.device) -> ClientData:
@@ -66,6 +67,9 @@ class RoundRecord:
     eval_s: float | None = None
     # personalised algorithms: mean over clients of each one's accuracy on its own held-out split
     personal_accuracy: float | None = None
+    # uploads dropped by the server's checks (client id -> reason), and whether too few were left
+    rejected: dict = field(default_factory=dict)
+    skipped: bool = False
     # what a real transport measured (Flower: its message sizes, failed clients); empty in the simulator
     transport: dict = field(default_factory=dict)
 
@@ -75,6 +79,7 @@ class RoundRecord:
         for k in ("clients", "uplink_bytes_per_client", "downlink_bytes_per_client"):
             d.pop(k)
         d["num_clients"] = len(self.clients)
+        d["rejected_uploads"] = len(d.pop("rejected"))
         d |= d.pop("transport")
         return d
 
@@ -127,12 +132,15 @@ class Simulator:
         eval_every: int = 1,
         eval_batch_size: int = 1024,
         client_kind: str = "stateless",
+        min_clients: int = 1,
     ):
         if not 1 <= clients_per_round <= len(clients):
             raise ValueError(f"clients_per_round = {clients_per_round} must be in [1, {len(clients)}]")
         if client_kind not in CLIENT_KINDS:
             raise ValueError(f"client_kind = {client_kind!r}: must be one of {', '.join(CLIENT_KINDS)}")
         self.client_kind = client_kind
+        self.min_clients = min_clients
+        self.max_upload_bytes = upload_limit(model)
         self.algorithm = algorithm
         self.ctx = ctx
         dev = ctx.device
@@ -153,6 +161,9 @@ class Simulator:
         self.history: list[RoundRecord] = []
         self.cum_up = self.cum_down = 0
         self._t_start: float | None = None
+        # fault injection (tests, the reliability report): (round, client, decoded upload) -> the
+        # upload the server receives instead, or None for one lost on the way
+        self.tamper: Callable[[int, int, dict], dict | None] | None = None
 
     # -- one round -------------------------------------------------------------------------
     def sample(self, rnd: int) -> list[int]:
@@ -189,10 +200,17 @@ class Simulator:
             cctx = ClientContext(cid, rnd, self.worker, self.clients[cid], self.trainer, state, self.replica)
             raw = encode(self.client.fit(received_by[cid], cctx))
             up_sizes.append(len(raw))
-            replies.append((cid, decode(raw)))
+            upload = decode(raw)
+            if self.tamper is not None:
+                upload = self.tamper(rnd, cid, upload)
+            if upload is not None:
+                replies.append((cid, upload))
             if state:
                 self.client_states[cid] = state
-        stats = self.server.aggregate(rnd, replies)
+        checked = aggregate_checked(self.server, rnd, replies, min_clients=self.min_clients, max_bytes=self.max_upload_bytes)
+        if checked.all_nonfinite:  # every client's training blew up: the run diverged
+            raise Diverged(rnd, sorted({n for _, p in replies for n in nonfinite_entries(p)}), where="every client's upload has")
+        self.server, stats = checked.server, checked.stats
         global_state = self.server.global_model_state()  # once a round: checked here, evaluated below
         bad = [k for k, v in global_state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
         if bad:
@@ -215,6 +233,8 @@ class Simulator:
             downlink_bytes_per_client=down_sizes,
             broadcast_bytes=broadcast_bytes,
             broadcast_recipients=broadcast_recipients,
+            rejected=checked.rejected,
+            skipped=checked.skipped,
         )
         if rnd % self.eval_every == 0 or rnd == self.ctx.rounds:
             t1 = time.perf_counter()
