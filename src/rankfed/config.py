@@ -114,9 +114,13 @@ class FederationConfig:
     # a round aggregates if at least this many valid uploads arrive (bad ones are dropped); else it is skipped
     min_clients: int = 1
     resume_every: int = 10  # save what `rankfed run --resume` needs every n rounds (0 = never)
+    # vectorized: a round's clients train together (torch.func.vmap) where the algorithm, model and
+    # optimiser allow it (FedAvg with SGD on buffer-free models so far), else one by one
+    execution: str = "sequential"
 
     def __post_init__(self) -> None:
         _choice("federation.client_kind", self.client_kind, ("auto", "stateless", "stateful"))
+        _choice("federation.execution", self.execution, ("sequential", "vectorized"))
         if self.clients < 1:
             raise _bad("federation.clients", self.clients, "must be >= 1")
         if not 0 < self.participation <= 1:

@@ -89,6 +89,7 @@ class Experiment:
             eval_batch_size=fed.eval_batch_size,
             client_kind=self.client_kind,
             min_clients=fed.min_clients,
+            execution=fed.execution,
         )
 
     @property

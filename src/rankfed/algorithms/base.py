@@ -164,6 +164,12 @@ class ClientHalf(ABC):
         from ``ctx.replica`` and this round's broadcast (stateful); return the uplink.
         Must not modify ``payload`` or ``ctx.replica`` in place (they may be shared)."""
 
+    def fit_cohort(self, payloads: Sequence[Payload], ctxs: Sequence[ClientContext]) -> list[Payload] | None:
+        """Optional: the uplinks of several clients trained together (``federation.execution =
+        "vectorized"``), equal to :meth:`fit` per client up to float summation order; None when
+        this algorithm (or this model, or these settings) cannot train that way."""
+        return None
+
     def init_replica(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Stateful clients: the replica every client starts with. All parties build
         the initial model from the run's seed, so this costs no bytes."""

@@ -32,6 +32,7 @@ from rankfed.algorithms.base import (
     register,
     train_cross_entropy,
 )
+from rankfed.sim.vectorized import cohort_supported, train_cohort
 from rankfed.wire import Payload
 
 __all__ = ["FedAvg", "load_weights"]
@@ -99,6 +100,19 @@ class FedAvgClient(ClientHalf):
         with torch.no_grad():
             delta = {name: value - start[name].to(value.device) for name, value in float_state(model).items()}
         return client_uplink(ctx, stats, self.codec.encode(delta, ctx.state, ctx.seed))
+
+    def fit_cohort(self, payloads: Sequence[Payload], ctxs: Sequence[ClientContext]) -> list[Payload] | None:
+        model = ctxs[0].model
+        if cohort_supported(model, ctxs[0].trainer.cfg) is not None:
+            return None
+        starts = [ctx.replica if ctx.replica is not None else p for p, ctx in zip(payloads, ctxs)]
+        trained, stats = train_cohort(model, starts, [c.data for c in ctxs], [c.seed for c in ctxs], ctxs[0].trainer, ctxs[0].round)
+        out = []
+        with torch.no_grad():
+            for start, params, st, ctx in zip(starts, trained, stats, ctxs):
+                delta = {name: params[name] - start[name].to(params[name].device) for name in params}
+                out.append(client_uplink(ctx, st, self.codec.encode(delta, ctx.state, ctx.seed)))
+        return out
 
 
 @register

@@ -133,12 +133,18 @@ class Simulator:
         eval_batch_size: int = 1024,
         client_kind: str = "stateless",
         min_clients: int = 1,
+        execution: str = "sequential",
     ):
         if not 1 <= clients_per_round <= len(clients):
             raise ValueError(f"clients_per_round = {clients_per_round} must be in [1, {len(clients)}]")
         if client_kind not in CLIENT_KINDS:
             raise ValueError(f"client_kind = {client_kind!r}: must be one of {', '.join(CLIENT_KINDS)}")
         self.client_kind = client_kind
+        if execution not in ("sequential", "vectorized"):
+            raise ValueError(f"execution = {execution!r}: must be sequential or vectorized")
+        # vectorized: the round's clients train as one batched computation where the algorithm
+        # supports it (ClientHalf.fit_cohort), else one after another
+        self.execution = execution
         self.min_clients = min_clients
         self.max_upload_bytes = upload_limit(model)
         self.algorithm = algorithm
@@ -195,10 +201,11 @@ class Simulator:
                     wire_cache[id(sent)] = (len(raw), decode(raw), sent)  # keep `sent` alive: ids stay unique
                 nbytes, received_by[cid], _ = wire_cache[id(sent)]
                 down_sizes.append(nbytes)
-        for cid in ids:
-            state = self.client_states.get(cid, {})
-            cctx = ClientContext(cid, rnd, self.worker, self.clients[cid], self.trainer, state, self.replica)
-            raw = encode(self.client.fit(received_by[cid], cctx))
+        ctxs = [ClientContext(cid, rnd, self.worker, self.clients[cid], self.trainer, self.client_states.get(cid, {}), self.replica) for cid in ids]
+        uplinks = self.client.fit_cohort([received_by[cid] for cid in ids], ctxs) if self.execution == "vectorized" else None
+        for i, (cid, cctx) in enumerate(zip(ids, ctxs)):
+            state = cctx.state
+            raw = encode(uplinks[i] if uplinks is not None else self.client.fit(received_by[cid], cctx))
             up_sizes.append(len(raw))
             upload = decode(raw)
             if self.tamper is not None:
