@@ -36,9 +36,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
-from rankfed.algorithms.validate import aggregate_checked, nonfinite_entries, upload_limit
+from rankfed.algorithms.validate import upload_limit
 from rankfed.runner import Experiment
-from rankfed.sim.simulator import Diverged, RoundRecord, evaluate, sample_clients
+from rankfed.sim.simulator import RoundRecord, aggregate_round, evaluate, sample_clients
 from rankfed.wire import WireError, encode, encoded_size
 
 from .records import message_wire_bytes, payload_to_records, records_to_payload
@@ -256,9 +256,7 @@ class RankfedStrategy(Strategy):
                     r.failures[cid] = "no reply within flower.round_timeout"
         arrived = sorted(uplinks)  # the simulator's order: ascending client id
         min_clients = self.cfg.federation.min_clients
-        checked = aggregate_checked(self.server, r.rnd, [(cid, uplinks[cid][0]) for cid in arrived], min_clients=min_clients, max_bytes=self.max_upload_bytes)
-        if checked.all_nonfinite:
-            raise Diverged(r.rnd, sorted({n for cid in arrived for n in nonfinite_entries(uplinks[cid][0])}), where="every client's upload has")
+        checked, self._global_state = aggregate_round(self.server, r.rnd, [(cid, uplinks[cid][0]) for cid in arrived], min_clients=min_clients, max_bytes=self.max_upload_bytes)
         self.server, stats, ok, skipped = checked.server, checked.stats, checked.accepted, checked.skipped
         for cid, why in checked.rejected.items():
             r.failures[cid] = f"bad upload: {why}"
@@ -271,10 +269,6 @@ class RankfedStrategy(Strategy):
             reason = why.split(":")[0]
             self.failure_reasons[reason] = self.failure_reasons.get(reason, 0) + 1
             self.failure_examples.setdefault(reason, f"round {r.rnd}, client {cid}: {why.strip()[-400:]}")
-        self._global_state = self.server.global_model_state()
-        bad = [k for k, v in self._global_state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-        if bad:
-            raise Diverged(r.rnd, bad)
         up_sizes = [uplinks[cid][1] for cid in arrived]  # bytes that crossed, bad uploads included
         down_sizes = [r.down_sizes[cid] for cid in r.ids if cid in r.down_sizes]
         recipients = self.ctx.num_clients if self.kind == "stateful" else 0

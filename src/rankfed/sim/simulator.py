@@ -24,12 +24,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from rankfed.algorithms.base import CLIENT_KINDS, Algorithm, ClientContext, RunContext
-from rankfed.algorithms.validate import aggregate_checked, nonfinite_entries, upload_limit
+from rankfed.algorithms.validate import CheckedRound, aggregate_checked, nonfinite_entries, upload_limit
 from rankfed.data import ClientData
 from rankfed.sim.trainer import LocalTrainer
 from rankfed.wire import decode, encode
 
-__all__ = ["Simulator", "RoundRecord", "Diverged", "evaluate", "sample_clients"]
+__all__ = ["Simulator", "RoundRecord", "Diverged", "aggregate_round", "evaluate", "sample_clients"]
 
 
 class Diverged(RuntimeError):
@@ -39,6 +39,21 @@ class Diverged(RuntimeError):
         self.round, self.names = rnd, names
         shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
         super().__init__(f"training diverged in round {rnd}: {where} non-finite values in {shown} (try a lower client.lr)")
+
+
+def aggregate_round(server, rnd: int, replies, *, min_clients: int, max_bytes: int | None) -> tuple[CheckedRound, dict[str, torch.Tensor]]:
+    """A round's checked aggregation (:func:`rankfed.algorithms.validate.aggregate_checked`) and
+    the resulting global model state, shared by every transport. Raises :class:`Diverged` when
+    every upload was non-finite, or when the global model is non-finite all the same (a
+    non-finite starting model, which no upload can repair)."""
+    checked = aggregate_checked(server, rnd, replies, min_clients=min_clients, max_bytes=max_bytes)
+    if checked.all_nonfinite:  # every client's training blew up: the run diverged
+        raise Diverged(rnd, sorted({n for _, p in replies for n in nonfinite_entries(p)}), where="every client's upload has")
+    state = checked.server.global_model_state()
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise Diverged(rnd, bad)
+    return checked, state
 
 
 def _to_device(c: ClientData, device: torch.device) -> ClientData:
@@ -214,14 +229,8 @@ class Simulator:
                 replies.append((cid, upload))
             if state:
                 self.client_states[cid] = state
-        checked = aggregate_checked(self.server, rnd, replies, min_clients=self.min_clients, max_bytes=self.max_upload_bytes)
-        if checked.all_nonfinite:  # every client's training blew up: the run diverged
-            raise Diverged(rnd, sorted({n for _, p in replies for n in nonfinite_entries(p)}), where="every client's upload has")
-        self.server, stats = checked.server, checked.stats
-        global_state = self.server.global_model_state()  # once a round: checked here, evaluated below
-        bad = [k for k, v in global_state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-        if bad:
-            raise Diverged(rnd, bad)
+        checked, global_state = aggregate_round(self.server, rnd, replies, min_clients=self.min_clients, max_bytes=self.max_upload_bytes)
+        self.server, stats = checked.server, checked.stats  # global_state: evaluated below
         round_s = time.perf_counter() - t0
         down_total = sum(down_sizes) + broadcast_bytes * broadcast_recipients
         self.cum_up += sum(up_sizes)
