@@ -9,7 +9,7 @@ import torch
 
 from rankfed.config import load_config
 from rankfed.runner import build_experiment, run_experiment
-from rankfed.sim.vectorized import cohort_supported
+from rankfed.sim.vectorized import CohortTrainer, cohort_supported
 
 # unequal client sizes (Dirichlet): padded last batches and clients that finish early
 BASE = ["task.partition=dirichlet", "task.alpha=0.3", "task.model=cnn2", "federation.clients=8", "federation.participation=0.5", "federation.rounds=2", "client.batch_size=16"]
@@ -19,22 +19,41 @@ SETTINGS = {
     "plain-sgd-cosine": ["client.lr_schedule=cosine", "client.local_epochs=2"],
     "topk-error-feedback": ["client.momentum=0.9", "algorithm.compressor=topk", "algorithm.topk_ratio=0.1", "algorithm.error_feedback=true"],
     "stateful": ["client.momentum=0.9", "federation.client_kind=stateful"],
+    # MAPA: the cohort trains B through W + vec(A B); stateful (the paper's) and stateless clients
+    "mapa": ["algorithm.name=mapa", "algorithm.k=32", "client.momentum=0.9", "client.grad_clip=1.0"],
+    "mapa-stateless": ["algorithm.name=mapa", "algorithm.k=32", "federation.client_kind=stateless", "client.weight_decay=0.01"],
+    # the LoRA family: factors trained over a frozen base shared by the cohort
+    "fa_lora": ["algorithm.name=fa_lora", "algorithm.rank=2", "client.momentum=0.9"],
+    "fedlora": ["algorithm.name=fedlora", "algorithm.rank=2", "client.momentum=0.9"],
+    "fedloru-merge-every-round": ["algorithm.name=fedloru", "algorithm.rank=2", "algorithm.tau=1", "client.momentum=0.9"],
+    "fedloru-stateless": ["algorithm.name=fedloru", "algorithm.rank=2", "algorithm.tau=1", "federation.client_kind=stateless"],
 }
 
 
-@pytest.mark.parametrize("name", list(SETTINGS))
-def test_vectorized_equals_sequential(tmp_path, name, monkeypatch):
-    import rankfed.algorithms.fedavg as fedavg
-
+@pytest.fixture
+def cohort_calls(monkeypatch):
     calls = []
-    real = fedavg.train_cohort
-    monkeypatch.setattr(fedavg, "train_cohort", lambda *a, **k: calls.append(1) or real(*a, **k))
-    runs = {}
+    real = CohortTrainer.train
+    monkeypatch.setattr(CohortTrainer, "train", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    return calls
+
+
+def _run_both(tmp_path, overrides):
+    runs, models = {}, {}
     for mode in ("sequential", "vectorized"):
-        cfg = load_config(None, [*BASE, *SETTINGS[name], f"federation.execution={mode!r}"])
+        cfg = load_config(None, [*overrides, f"federation.execution={mode!r}"])
         runs[mode] = run_experiment(cfg, tmp_path / mode)
-    assert len(calls) == 2  # the vectorised run really trained its 2 rounds as cohorts
-    a, b = (torch.load(tmp_path / m / "model.pt") for m in ("sequential", "vectorized"))
+        models[mode] = torch.load(tmp_path / mode / "model.pt")
+    return runs, models
+
+
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_vectorized_equals_sequential(tmp_path, name, cohort_calls):
+    runs, models = _run_both(tmp_path, [*BASE, *SETTINGS[name]])
+    assert len(cohort_calls) == 2  # the vectorised run really trained its 2 rounds as cohorts
+    assert runs["vectorized"]["cohort_rounds"] == 2 and runs["sequential"]["cohort_rounds"] == 0
+    a, b = models["sequential"], models["vectorized"]
+    assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-4, msg=f"{name}: {k}")
     for key in ("total_uplink_bytes", "total_downlink_bytes", "uploads"):
@@ -42,13 +61,39 @@ def test_vectorized_equals_sequential(tmp_path, name, monkeypatch):
     assert runs["vectorized"]["final_accuracy"] == pytest.approx(runs["sequential"]["final_accuracy"], abs=0.02)
 
 
-def test_unsupported_settings_fall_back_to_sequential_exactly(tmp_path):
-    runs = {}
-    for mode in ("sequential", "vectorized"):
-        cfg = load_config(None, [*BASE, "client.optimizer=adamw", "client.lr=0.001", f"federation.execution={mode!r}"])
-        run_experiment(cfg, tmp_path / mode)
-        runs[mode] = torch.load(tmp_path / mode / "model.pt")
-    assert all(torch.equal(runs["sequential"][k], runs["vectorized"][k]) for k in runs["sequential"])
+@pytest.mark.parametrize("algorithm", ["pfedloru", "mfedloru", "fedhm"])
+def test_algorithms_without_a_cohort_path_train_sequentially(tmp_path, algorithm, cohort_calls):
+    with pytest.warns(UserWarning, match=f"clients train one by one .*{algorithm}"):
+        runs, models = _run_both(tmp_path, [*BASE, f"algorithm.name={algorithm}", "algorithm.rank=2"])
+    assert cohort_calls == [] and runs["vectorized"]["cohort_rounds"] == 0
+    assert all(torch.equal(models["sequential"][k], models["vectorized"][k]) for k in models["sequential"])
+
+
+def test_compiled_cohort_step_equals_sequential(tmp_path, cohort_calls):
+    """torch.compile of the whole step (one graph, compiled once: the second round reuses it)."""
+    base = ["task.partition=dirichlet", "task.alpha=0.3", "task.model=mlp", "federation.clients=6", "federation.participation=0.5", "federation.rounds=2", "client.batch_size=16", "client.momentum=0.9", "client.lr_schedule=cosine"]
+    seq = load_config(None, [*base, "federation.execution='sequential'"])
+    run_experiment(seq, tmp_path / "sequential")
+    vec = load_config(None, [*base, "federation.execution='vectorized'", "federation.compile=true"])
+    run_experiment(vec, tmp_path / "compiled")
+    assert len(cohort_calls) == 2
+    a, b = (torch.load(tmp_path / m / "model.pt") for m in ("sequential", "compiled"))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-4, msg=k)
+
+
+def test_unsupported_settings_fall_back_to_sequential_exactly(tmp_path, cohort_calls):
+    with pytest.warns(UserWarning, match="adamw"):
+        _, models = _run_both(tmp_path, [*BASE, "client.optimizer=adamw", "client.lr=0.001"])
+    assert cohort_calls == []
+    assert all(torch.equal(models["sequential"][k], models["vectorized"][k]) for k in models["sequential"])
+
+
+def test_auto_execution_is_sequential_on_cpu():
+    sim = build_experiment(load_config(None, ["task.model=cnn2"])).simulator()
+    assert sim.execution == "sequential"
+    sim = build_experiment(load_config(None, ["task.model=cnn2", "federation.execution='vectorized'"])).simulator()
+    assert sim.execution == "vectorized"
 
 
 def test_cohort_supported_names_the_reason():

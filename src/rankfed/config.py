@@ -115,12 +115,15 @@ class FederationConfig:
     min_clients: int = 1
     resume_every: int = 10  # save what `rankfed run --resume` needs every n rounds (0 = never)
     # vectorized: a round's clients train together (torch.func.vmap) where the algorithm, model and
-    # optimiser allow it (FedAvg with SGD on buffer-free models so far), else one by one
-    execution: str = "sequential"
+    # optimiser allow it (FedAvg, MAPA, FA-LoRA, FedLoRA, FedLoRU with SGD on models without
+    # buffers or dropout), else one by one; auto: vectorized on a GPU, sequential on the CPU
+    # (where vectorized is measured slower: benchmarks/RESULTS.md, "Simulator speed")
+    execution: str = "auto"
+    compile: bool = False  # vectorized: torch.compile each cohort step (a one-time compile, ~20 s on a CPU)
 
     def __post_init__(self) -> None:
         _choice("federation.client_kind", self.client_kind, ("auto", "stateless", "stateful"))
-        _choice("federation.execution", self.execution, ("sequential", "vectorized"))
+        _choice("federation.execution", self.execution, ("auto", "sequential", "vectorized"))
         if self.clients < 1:
             raise _bad("federation.clients", self.clients, "must be >= 1")
         if not 0 < self.participation <= 1:

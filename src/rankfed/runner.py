@@ -90,6 +90,7 @@ class Experiment:
             client_kind=self.client_kind,
             min_clients=fed.min_clients,
             execution=fed.execution,
+            compile=fed.compile,
         )
 
     @property
@@ -445,6 +446,8 @@ def run_experiment(
         history, diverged = sim.history, e
     summary = summarize(exp, history, time.perf_counter() - t0, command)
     summary["status"] = "completed" if diverged is None else "diverged"
+    summary["execution"] = sim.execution
+    summary["cohort_rounds"] = sim.cohort_rounds  # rounds trained as vectorised cohorts (this process)
     if resume:
         summary["resumed_from_round"] = start - 1
     if diverged is not None:

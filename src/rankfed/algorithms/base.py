@@ -43,6 +43,7 @@ from torch import nn
 from rankfed.config import ClientConfig, from_mapping
 from rankfed.data import ClientData
 from rankfed.sim.trainer import LocalTrainer, TrainStats
+from rankfed.sim.vectorized import CohortTrainer, cohort_supported
 from rankfed.wire import Payload
 
 __all__ = [
@@ -58,6 +59,7 @@ __all__ = [
     "client_uplink",
     "float_state",
     "train_cross_entropy",
+    "cohort_supported",
 ]
 
 
@@ -164,11 +166,21 @@ class ClientHalf(ABC):
         from ``ctx.replica`` and this round's broadcast (stateful); return the uplink.
         Must not modify ``payload`` or ``ctx.replica`` in place (they may be shared)."""
 
-    def fit_cohort(self, payloads: Sequence[Payload], ctxs: Sequence[ClientContext]) -> list[Payload] | None:
+    def fit_cohort(self, payloads: Sequence[Payload], ctxs: Sequence[ClientContext], compile: bool = False) -> list[Payload] | None:
         """Optional: the uplinks of several clients trained together (``federation.execution =
         "vectorized"``), equal to :meth:`fit` per client up to float summation order; None when
-        this algorithm (or this model, or these settings) cannot train that way."""
+        this algorithm (or this model, or these settings) cannot train that way. ``compile``:
+        run each step as one ``torch.compile`` graph."""
         return None
+
+    def cohort_trainer(self, model: nn.Module, cfg: ClientConfig, build=None, compile: bool = False) -> CohortTrainer:
+        """The :class:`~rankfed.sim.vectorized.CohortTrainer` of ``model`` kept by this client
+        half (one per model object and compile setting, so a compiled step is compiled once)."""
+        cache = self.__dict__.setdefault("_cohort_trainers", {})
+        key = (id(model), compile)
+        if key not in cache:
+            cache[key] = CohortTrainer(model, cfg, build, compile)
+        return cache[key]
 
     def init_replica(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Stateful clients: the replica every client starts with. All parties build

@@ -28,11 +28,11 @@ from rankfed.algorithms.base import (
     RunContext,
     ServerHalf,
     client_uplink,
+    cohort_supported,
     float_state,
     register,
     train_cross_entropy,
 )
-from rankfed.sim.vectorized import cohort_supported, train_cohort
 from rankfed.wire import Payload
 
 __all__ = ["FedAvg", "load_weights"]
@@ -101,16 +101,18 @@ class FedAvgClient(ClientHalf):
             delta = {name: value - start[name].to(value.device) for name, value in float_state(model).items()}
         return client_uplink(ctx, stats, self.codec.encode(delta, ctx.state, ctx.seed))
 
-    def fit_cohort(self, payloads: Sequence[Payload], ctxs: Sequence[ClientContext]) -> list[Payload] | None:
-        model = ctxs[0].model
-        if cohort_supported(model, ctxs[0].trainer.cfg) is not None:
+    def fit_cohort(self, payloads: Sequence[Payload], ctxs: Sequence[ClientContext], compile: bool = False) -> list[Payload] | None:
+        model, cfg = ctxs[0].model, ctxs[0].trainer.cfg
+        if cohort_supported(model, cfg) is not None:
             return None
+        names = [n for n, _ in model.named_parameters()]  # no buffers (cohort_supported): all of float_state
         starts = [ctx.replica if ctx.replica is not None else p for p, ctx in zip(payloads, ctxs)]
-        trained, stats = train_cohort(model, starts, [c.data for c in ctxs], [c.seed for c in ctxs], ctxs[0].trainer, ctxs[0].round)
+        cohort = self.cohort_trainer(model, cfg, compile=compile)
+        trained, stats = cohort.train([{n: s[n] for n in names} for s in starts], {}, [c.data for c in ctxs], [c.seed for c in ctxs], ctxs[0].trainer, ctxs[0].round)
         out = []
         with torch.no_grad():
             for start, params, st, ctx in zip(starts, trained, stats, ctxs):
-                delta = {name: params[name] - start[name].to(params[name].device) for name in params}
+                delta = {name: params[name] - start[name].to(params[name].device) for name in names}
                 out.append(client_uplink(ctx, st, self.codec.encode(delta, ctx.state, ctx.seed)))
         return out
 

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rankfed.algorithms.base import Algorithm, ClientContext, ClientHalf, RunContext, ServerHalf, client_uplink, register, train_cross_entropy
+from rankfed.algorithms.base import Algorithm, ClientContext, ClientHalf, RunContext, ServerHalf, client_uplink, cohort_supported, register, train_cross_entropy
 from rankfed.algorithms.compression import CompressionOptions, UplinkCodec
 from rankfed.algorithms.aggregate import add_present_, apply_mean_update, mean_train_loss, sample_weights
 from rankfed.config import ConfigError
@@ -217,6 +217,29 @@ class LoraClient(ClientHalf):
         with torch.no_grad():
             delta = {n: v.detach() - start[n].to(v.device) for n, v in self.shared.items()}
         return client_uplink(ctx, stats, self.codec.encode(delta, ctx.state, ctx.seed))
+
+    def fit_cohort(self, payloads: Sequence[Payload], ctxs: Sequence[ClientContext], compile: bool = False) -> list[Payload] | None:
+        """The cohort trains its factors (and whatever else :meth:`fit` trains) from one shared
+        start; the frozen base is passed once to all clients."""
+        if type(self).fit is not LoraClient.fit:  # a subclass that trains differently (pFedLoRU, mFedLoRU)
+            return None
+        model, cfg = self.model, ctxs[0].trainer.cfg
+        starts = [ctx.replica if ctx.replica is not None else p for p, ctx in zip(payloads, ctxs)]
+        if cohort_supported(model, cfg) is not None or any(s is not starts[0] for s in starts):
+            return None
+        start = starts[0]
+        self._load(start)
+        trained_names = [n for n, p in model.named_parameters() if p.requires_grad]
+        frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
+        cohort = self.cohort_trainer(model, cfg, compile=compile)
+        first = {n: start[n] for n in trained_names}
+        trained, stats = cohort.train([first] * len(ctxs), frozen, [c.data for c in ctxs], [c.seed for c in ctxs], ctxs[0].trainer, ctxs[0].round)
+        out = []
+        with torch.no_grad():
+            for params, st, ctx in zip(trained, stats, ctxs):
+                delta = {n: params[n] - start[n].to(params[n].device) for n in trained_names}
+                out.append(client_uplink(ctx, st, self.codec.encode(delta, ctx.state, ctx.seed)))
+        return out
 
 
 class _LoraFamily(Algorithm):

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rankfed.algorithms.base import Algorithm, ClientContext, ClientHalf, RunContext, ServerHalf, client_uplink, register, train_cross_entropy
+from rankfed.algorithms.base import Algorithm, ClientContext, ClientHalf, RunContext, ServerHalf, client_uplink, cohort_supported, register, train_cross_entropy
 from rankfed.algorithms.compression import CompressionOptions, UplinkCodec
 from rankfed.algorithms.aggregate import add_present_, apply_mean_update, mean_train_loss, sample_weights, weighted_mean
 from rankfed.config import ConfigError
@@ -211,6 +211,27 @@ class MapaClient(ClientHalf):
             for name, buf in _float_buffers(model).items():
                 tensors[name] = buf - start[name].to(buf.device)
         return client_uplink(ctx, stats, self.codec.encode(tensors, ctx.state, ctx.seed))
+
+    def _build(self, trained: dict[str, torch.Tensor], shared: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The parameters one client trains through: W + vec(A B)[:d] (for the cohort trainer)."""
+        layout = self.geo.layout
+        flat = expand(shared["@a"], trained["B"], self.geo.d)
+        return {n: shared[n] + flat[o : o + k].view(shared[n].shape) for n, o, k in zip(layout.names, layout.offsets, layout.numels)}
+
+    def fit_cohort(self, payloads: Sequence[Payload], ctxs: Sequence[ClientContext], compile: bool = False) -> list[Payload] | None:
+        """Every client of the cohort trains its own B through the same W and A."""
+        geo, model, cfg = self.geo, ctxs[0].model, ctxs[0].trainer.cfg
+        starts = [ctx.replica if ctx.replica is not None else p for p, ctx in zip(payloads, ctxs)]
+        if cohort_supported(model, cfg) is not None or any(s is not starts[0] for s in starts) or any(p is not payloads[0] for p in payloads):
+            return None
+        start = starts[0]
+        device = ctxs[0].data.x.device
+        shared = {n: start[n].to(device) for n in geo.layout.names}
+        shared["@a"] = geo.a(int(payloads[0]["@seed"]), device)
+        cohort = self.cohort_trainer(model, cfg, build=self._build, compile=compile)
+        zero = {"B": torch.zeros(geo.k, device=device)}
+        trained, stats = cohort.train([zero] * len(ctxs), shared, [c.data for c in ctxs], [c.seed for c in ctxs], ctxs[0].trainer, ctxs[0].round)
+        return [client_uplink(ctx, st, self.codec.encode({"B": t["B"].clone()}, ctx.state, ctx.seed)) for t, st, ctx in zip(trained, stats, ctxs)]
 
 
 @register

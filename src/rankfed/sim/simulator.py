@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -27,6 +28,7 @@ from rankfed.algorithms.base import CLIENT_KINDS, Algorithm, ClientContext, RunC
 from rankfed.algorithms.validate import CheckedRound, aggregate_checked, nonfinite_entries, upload_limit
 from rankfed.data import ClientData
 from rankfed.sim.trainer import LocalTrainer
+from rankfed.sim.vectorized import cohort_supported
 from rankfed.wire import decode, encode
 
 __all__ = ["Simulator", "RoundRecord", "Diverged", "aggregate_round", "evaluate", "sample_clients"]
@@ -148,18 +150,24 @@ class Simulator:
         eval_batch_size: int = 1024,
         client_kind: str = "stateless",
         min_clients: int = 1,
-        execution: str = "sequential",
+        execution: str = "auto",
+        compile: bool = False,
     ):
         if not 1 <= clients_per_round <= len(clients):
             raise ValueError(f"clients_per_round = {clients_per_round} must be in [1, {len(clients)}]")
         if client_kind not in CLIENT_KINDS:
             raise ValueError(f"client_kind = {client_kind!r}: must be one of {', '.join(CLIENT_KINDS)}")
         self.client_kind = client_kind
-        if execution not in ("sequential", "vectorized"):
-            raise ValueError(f"execution = {execution!r}: must be sequential or vectorized")
+        if execution not in ("auto", "sequential", "vectorized"):
+            raise ValueError(f"execution = {execution!r}: must be auto, sequential or vectorized")
         # vectorized: the round's clients train as one batched computation where the algorithm
-        # supports it (ClientHalf.fit_cohort), else one after another
-        self.execution = execution
+        # supports it (ClientHalf.fit_cohort), else one after another; auto: vectorized on a GPU
+        # only (on a CPU it is measured slower than sequential, benchmarks/RESULTS.md)
+        if execution == "auto":
+            execution = "vectorized" if ctx.device.type == "cuda" else "sequential"
+        self.execution, self.compile = execution, compile
+        self.cohort_rounds = 0  # rounds whose clients trained as one vectorised cohort
+        self._warned_fallback = False
         self.min_clients = min_clients
         self.max_upload_bytes = upload_limit(model)
         self.algorithm = algorithm
@@ -217,7 +225,13 @@ class Simulator:
                 nbytes, received_by[cid], _ = wire_cache[id(sent)]
                 down_sizes.append(nbytes)
         ctxs = [ClientContext(cid, rnd, self.worker, self.clients[cid], self.trainer, self.client_states.get(cid, {}), self.replica) for cid in ids]
-        uplinks = self.client.fit_cohort([received_by[cid] for cid in ids], ctxs) if self.execution == "vectorized" else None
+        uplinks = self.client.fit_cohort([received_by[cid] for cid in ids], ctxs, compile=self.compile) if self.execution == "vectorized" else None
+        if uplinks is not None:
+            self.cohort_rounds += 1
+        elif self.execution == "vectorized" and not self._warned_fallback:
+            self._warned_fallback = True
+            why = cohort_supported(self.worker, self.ctx.client) or f"{self.algorithm.name} with these options has no vectorised path"
+            warnings.warn(f"federation.execution = 'vectorized': clients train one by one ({why})", stacklevel=2)
         for i, (cid, cctx) in enumerate(zip(ids, ctxs)):
             state = cctx.state
             raw = encode(uplinks[i] if uplinks is not None else self.client.fit(received_by[cid], cctx))

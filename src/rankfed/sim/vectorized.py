@@ -1,22 +1,26 @@
 """Vectorised cohort training: the round's clients train together in one batched computation.
 
-Each sampled client keeps its own copy of the trained parameters, stacked along a
-leading client dimension, and every local step is one ``torch.func.vmap`` of
-``torch.func.grad`` over the cohort. Clients keep the minibatch order
-:class:`~rankfed.sim.trainer.LocalTrainer` gives them (the same seeded
-generator), so the result equals sequential training up to float summation
-order. Steps are aligned by index: a client with a smaller last batch is padded
-(padded samples weigh 0), and a client with fewer steps sits the remaining steps
-out (its parameters and momentum unchanged).
+Each sampled client keeps its own copy of the trained tensors, stacked along a leading
+client dimension, and every local step is one ``torch.func.vmap`` of ``torch.func.grad``
+over the cohort (tensors every client shares, such as a frozen base, are passed once,
+unbatched). Clients keep the minibatch order :class:`~rankfed.sim.trainer.LocalTrainer`
+gives them (the same seeded generator), so the result equals sequential training up to
+float summation order. Steps are aligned by index: a client with a smaller last batch is
+padded (padded samples weigh 0), and a client with fewer steps sits the remaining steps
+out (its tensors and momentum unchanged).
 
-Applies to SGD (momentum, Nesterov, weight decay, gradient clipping) on models
-without buffers or dropout (their state or randomness would differ under vmap);
-:func:`cohort_supported` says whether it does.
+What is trained need not be the model's parameters: an algorithm passes ``build(trained,
+shared) -> parameters`` (MAPA trains one vector B and the parameters are W + vec(A B)).
+Applies to SGD (momentum, Nesterov, weight decay, gradient clipping) on models without
+buffers or dropout (their state or randomness would differ under vmap);
+:func:`cohort_supported` says whether it does. With ``compile=True`` the whole step
+(gradients, clipping, momentum, update) is one ``torch.compile`` graph, compiled once per
+process and cohort shape.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +31,10 @@ from rankfed.config import ClientConfig
 from rankfed.data import ClientData
 from rankfed.sim.trainer import LocalTrainer, TrainStats
 
-__all__ = ["cohort_supported", "train_cohort"]
+__all__ = ["CohortTrainer", "cohort_supported", "train_cohort"]
+
+Tensors = dict[str, torch.Tensor]
+Build = Callable[[Tensors, Tensors], Tensors]
 
 
 def cohort_supported(model: nn.Module, cfg: ClientConfig) -> str | None:
@@ -41,74 +48,119 @@ def cohort_supported(model: nn.Module, cfg: ClientConfig) -> str | None:
     return None
 
 
+def _default_build(trained: Tensors, shared: Tensors) -> Tensors:
+    return {**shared, **trained}
+
+
+class CohortTrainer:
+    """Trains cohorts of clients for one model and one ``[client]`` configuration.
+
+    ``build(trained, shared)`` maps one client's trained tensors and the shared tensors to
+    the mapping :func:`torch.func.functional_call` gets (default: the two merged, i.e. the
+    trained tensors are model parameters). Keep one instance per client half: with
+    ``compile=True`` it holds the compiled step.
+    """
+
+    def __init__(self, model: nn.Module, cfg: ClientConfig, build: Build | None = None, compile: bool = False):
+        self.model, self.cfg = model, cfg
+        self.build = build or _default_build
+        self.compile = compile
+        self._step_fn = None
+
+    # -- the step, as one pure function of tensors ------------------------------------------
+    def _loss(self, trained: Tensors, shared: Tensors, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor):
+        logits = functional_call(self.model, self.build(trained, shared), (x,))
+        ce = F.cross_entropy(logits, y, reduction="none")
+        loss = (ce * w).sum() / w.sum().clamp_min(1.0)
+        return loss, loss.detach()
+
+    def _step(self, trained: Tensors, bufs: Tensors, shared: Tensors, x, y, w, active, lr):
+        cfg = self.cfg
+        g, losses = vmap(grad(self._loss, has_aux=True), in_dims=(0, None, 0, 0, 0))(trained, shared, x, y, w)
+        c = active.shape[0]
+        if cfg.grad_clip > 0:  # per client, as clip_grad_norm_ over that client's trained tensors
+            norms = torch.sqrt(sum(v.reshape(c, -1).pow(2).sum(1) for v in g.values()))
+            coef = (cfg.grad_clip / (norms + 1e-6)).clamp(max=1.0)
+            g = {n: v * coef.view(-1, *[1] * (v.dim() - 1)) for n, v in g.items()}
+        new_trained, new_bufs = {}, {}
+        for n, p in trained.items():
+            mask = active.view(-1, *[1] * (p.dim() - 1))
+            d = g[n] + cfg.weight_decay * p if cfg.weight_decay else g[n]
+            if cfg.momentum:
+                buf = cfg.momentum * bufs[n] + d
+                new_bufs[n] = torch.where(mask, buf, bufs[n])
+                d = d + cfg.momentum * buf if cfg.nesterov else buf
+            new_trained[n] = torch.where(mask, p - lr * d, p)
+        return new_trained, new_bufs, losses
+
+    def _stepper(self):
+        if self._step_fn is None:
+            self._step_fn = torch.compile(self._step, dynamic=False) if self.compile else self._step
+        return self._step_fn
+
+    # -- a round ------------------------------------------------------------------------------
+    def train(
+        self,
+        starts: Sequence[Tensors],
+        shared: Tensors,
+        datas: Sequence[ClientData],
+        seeds: Sequence[int],
+        trainer: LocalTrainer,
+        rnd: int,
+    ) -> tuple[list[Tensors], list[TrainStats]]:
+        """Train client i's tensors from ``starts[i]`` on ``datas[i]`` with minibatch seed
+        ``seeds[i]``; ``shared`` are the tensors every client reads but none trains. Returns
+        each client's trained tensors and its :class:`TrainStats`."""
+        device = datas[0].x.device
+        c, bs = len(datas), trainer.cfg.batch_size
+        names = list(starts[0])
+        with torch.no_grad():
+            trained = {n: torch.stack([s[n].detach().to(device) for s in starts]) for n in names}
+        shared = {n: v.detach() for n, v in shared.items()}
+        # Every client's minibatches in LocalTrainer's order, as indices into the cohort's
+        # concatenated data: one gather per step.
+        plans = []
+        for data, seed in zip(datas, seeds):
+            gen = torch.Generator().manual_seed(seed)
+            plans.append(list(trainer.batches(data.num_samples, gen, device)) if data.num_samples else [])
+        steps = max((len(p) for p in plans), default=0)
+        xs = torch.cat([d.x for d in datas])
+        ys = torch.cat([d.y for d in datas])
+        index = torch.zeros((steps, c, bs), dtype=torch.long, device=device)
+        weight = torch.zeros((steps, c, bs), device=device)
+        offset = 0
+        for i, plan in enumerate(plans):
+            for s, idx in enumerate(plan):
+                index[s, i, : idx.numel()] = idx + offset
+                weight[s, i, : idx.numel()] = 1.0
+            offset += datas[i].num_samples
+        active = weight.sum(2) > 0  # (steps, c)
+        bufs = {n: torch.zeros_like(v) for n, v in trained.items()} if trainer.cfg.momentum else {}
+        lr = torch.tensor(trainer.lr_at(rnd), device=device)  # a tensor: a new lr does not recompile
+        step = self._stepper()
+        loss_sum = torch.zeros(c, device=device)
+        for s in range(steps):
+            x, y = xs[index[s]], ys[index[s]]
+            trained, bufs, losses = step(trained, bufs, shared, x, y, weight[s], active[s], lr)
+            loss_sum += losses.detach() * weight[s].sum(1)
+        samples = weight.sum((0, 2))
+        out = [{n: trained[n][i].detach() for n in names} for i in range(c)]
+        stats = [
+            TrainStats(steps=len(plans[i]), samples=int(samples[i]), mean_loss=float(loss_sum[i] / samples[i]) if samples[i] > 0 else float("nan"))
+            for i in range(c)
+        ]
+        return out, stats
+
+
 def train_cohort(
     model: nn.Module,
-    starts: Sequence[dict[str, torch.Tensor]],
+    starts: Sequence[Tensors],
     datas: Sequence[ClientData],
     seeds: Sequence[int],
     trainer: LocalTrainer,
     rnd: int,
-) -> tuple[list[dict[str, torch.Tensor]], list[TrainStats]]:
-    """Train one copy of ``model``'s parameters per client, starting from ``starts[i]`` (a
-    state dict of at least the parameters), on ``datas[i]`` with minibatch seed ``seeds[i]``.
-    Returns each client's trained parameters and its :class:`TrainStats`."""
-    cfg = trainer.cfg
+) -> tuple[list[Tensors], list[TrainStats]]:
+    """Train every parameter of ``model``, one copy per client from ``starts[i]`` (a state
+    dict of at least the parameters): :meth:`CohortTrainer.train` with nothing shared."""
     names = [n for n, _ in model.named_parameters()]
-    device = datas[0].x.device
-    c = len(datas)
-    params = {n: torch.stack([s[n].detach().to(device) for s in starts]) for n in names}
-    # every client's minibatches, in LocalTrainer's order
-    plans = []
-    for data, seed in zip(datas, seeds):
-        gen = torch.Generator().manual_seed(seed)
-        plans.append(list(trainer.batches(data.num_samples, gen, device)) if data.num_samples else [])
-    steps = max((len(p) for p in plans), default=0)
-    bs = cfg.batch_size
-    lr = trainer.lr_at(rnd)
-    mom, wd, clip = cfg.momentum, cfg.weight_decay, cfg.grad_clip
-    bufs = {n: torch.zeros_like(p) for n, p in params.items()} if mom else None
-
-    def loss_of(p, x, y, w):
-        ce = F.cross_entropy(functional_call(model, p, (x,)), y, reduction="none")
-        loss = (ce * w).sum() / w.sum().clamp_min(1.0)
-        return loss, loss.detach()
-
-    grads_of = vmap(grad(loss_of, has_aux=True), in_dims=(0, 0, 0, 0))
-    loss_sum = torch.zeros(c, device=device)
-    samples = torch.zeros(c, device=device)
-    nsteps = [len(p) for p in plans]
-    xs_shape = datas[0].x.shape[1:]
-    for s in range(steps):
-        x = torch.zeros((c, bs, *xs_shape), dtype=datas[0].x.dtype, device=device)
-        y = torch.zeros((c, bs), dtype=datas[0].y.dtype, device=device)
-        w = torch.zeros((c, bs), device=device)
-        active = torch.zeros(c, dtype=torch.bool, device=device)
-        for i, plan in enumerate(plans):
-            if s < len(plan):
-                idx = plan[s]
-                k = idx.numel()
-                x[i, :k], y[i, :k], w[i, :k] = datas[i].x[idx], datas[i].y[idx], 1.0
-                active[i] = True
-        g, losses = grads_of(params, x, y, w)
-        with torch.no_grad():
-            if clip > 0:  # per client, as clip_grad_norm_ over that client's parameters
-                norms = torch.sqrt(sum(v.reshape(c, -1).pow(2).sum(1) for v in g.values()))
-                coef = (clip / (norms + 1e-6)).clamp(max=1.0)
-                g = {n: v * coef.view(-1, *[1] * (v.dim() - 1)) for n, v in g.items()}
-            for n, p in params.items():
-                step_mask = active.view(-1, *[1] * (p.dim() - 1))
-                d = g[n] + wd * p if wd else g[n]
-                if mom:
-                    new_buf = mom * bufs[n] + d
-                    bufs[n] = torch.where(step_mask, new_buf, bufs[n])
-                    d = d + mom * new_buf if cfg.nesterov else new_buf
-                params[n] = torch.where(step_mask, p - lr * d, p)
-            counts = w.sum(1)
-            loss_sum += losses * counts
-            samples += counts
-    out = [{n: params[n][i] for n in names} for i in range(c)]
-    stats = [
-        TrainStats(steps=nsteps[i], samples=int(samples[i]), mean_loss=float(loss_sum[i] / samples[i]) if samples[i] > 0 else float("nan"))
-        for i in range(c)
-    ]
-    return out, stats
+    return CohortTrainer(model, trainer.cfg).train([{n: s[n] for n in names} for s in starts], {}, datas, seeds, trainer, rnd)
