@@ -107,3 +107,46 @@ def test_cohort_supported_names_the_reason():
     assert "dropout" in cohort_supported(drop, exp.cfg.client)
     with pytest.raises(Exception, match="federation.execution"):
         load_config(None, ["federation.execution='parallel'"])
+
+
+# federation.workers: clients trained by several threads at once, each with its own client half
+# and model; every client's work is fit() alone, so the result equals one-at-a-time training up to
+# the float order of kernels run on fewer threads (1e-5 after 2 rounds)
+WORKER_SETTINGS = {
+    "fedavg-greedylore": ["client.momentum=0.9", "algorithm.compressor=greedylore", "algorithm.compress_rank=2"],
+    "mapa": ["algorithm.name=mapa", "algorithm.k=32"],
+    "fedloru-merge": ["algorithm.name=fedloru", "algorithm.rank=2", "algorithm.tau=1"],
+    "pfedloru": ["algorithm.name=pfedloru", "algorithm.rank=2"],
+    "fedhm": ["algorithm.name=fedhm", "algorithm.rank=2"],
+}
+
+
+@pytest.mark.parametrize("name", list(WORKER_SETTINGS))
+def test_client_threads_equal_one_at_a_time(tmp_path, name, monkeypatch):
+    from rankfed.sim.simulator import Simulator
+
+    threaded = []
+    real = Simulator._fit_in_threads
+    monkeypatch.setattr(Simulator, "_fit_in_threads", lambda self, *a: threaded.append(1) or real(self, *a))
+    runs, models = {}, {}
+    for workers in (1, 2):
+        cfg = load_config(None, [*BASE, *WORKER_SETTINGS[name], "federation.execution='sequential'", f"federation.workers={workers}"])
+        runs[workers] = run_experiment(cfg, tmp_path / str(workers))
+        models[workers] = torch.load(tmp_path / str(workers) / "model.pt")
+    assert len(threaded) == 2
+    for k in models[1]:
+        torch.testing.assert_close(models[2][k], models[1][k], rtol=0, atol=1e-5, msg=f"{name}: {k}")
+    for key in ("total_uplink_bytes", "total_downlink_bytes", "uploads"):
+        assert runs[2][key] == runs[1][key]
+    if name == "pfedloru":  # personal factors kept per client, whichever thread trained it
+        assert runs[2]["final_personal_accuracy"] == pytest.approx(runs[1]["final_personal_accuracy"], abs=1e-6)
+
+
+def test_client_threads_are_refused_for_dropout_and_bad_counts():
+    with pytest.raises(Exception, match="federation.workers"):
+        load_config(None, ["federation.workers=0"])
+    exp = build_experiment(load_config(None, ["task.model=mlp", "federation.workers=2"]))
+    assert exp.simulator().workers == 2
+    exp.model.add_module("drop", torch.nn.Dropout(0.5))
+    with pytest.warns(UserWarning, match="dropout"):
+        assert exp.simulator().workers == 1

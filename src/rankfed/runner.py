@@ -91,6 +91,7 @@ class Experiment:
             min_clients=fed.min_clients,
             execution=fed.execution,
             compile=fed.compile,
+            workers=fed.workers,
         )
 
     @property
@@ -444,6 +445,8 @@ def run_experiment(
         history = sim.run(_on_round, start_round=start)
     except Diverged as e:  # a result, not a crash: the rounds before it stand
         history, diverged = sim.history, e
+    finally:
+        sim.close()
     summary = summarize(exp, history, time.perf_counter() - t0, command)
     summary["status"] = "completed" if diverged is None else "diverged"
     summary["execution"] = sim.execution

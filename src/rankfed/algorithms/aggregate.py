@@ -29,15 +29,28 @@ def sample_weights(replies: Sequence[tuple[int, Payload]]) -> list[float]:
 
 @torch.no_grad()
 def apply_mean_update(
-    targets: Mapping[str, torch.Tensor], deltas: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float], names: Iterable[str] | None = None
+    targets: Mapping[str, torch.Tensor], deltas: Iterable[Mapping[str, torch.Tensor]], weights: Sequence[float], names: Iterable[str] | None = None
 ) -> dict[str, torch.Tensor]:
-    """targets[n] += weighted mean of deltas[i][n], in place, for each name; returns the means."""
-    means = {}
-    for name in targets if names is None else names:
+    """targets[n] += weighted mean of deltas[i][n], in place, for each name; returns the means.
+
+    ``deltas`` may be a generator: it is read once, one client at a time, so a caller that
+    decompresses lazily holds one client's dense update at a time, not the cohort's. The sums
+    are formed in the order :func:`weighted_mean` forms them (bitwise the same result)."""
+    names = list(targets if names is None else names)
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError(f"weights must sum to a positive number, got {list(weights)}")
+    means: dict[str, torch.Tensor] = {}
+    for d, w in zip(deltas, weights):
+        for name in names:
+            t = d[name]
+            if name not in means:
+                means[name] = torch.zeros_like(t)
+            means[name].add_(t, alpha=w / total)
+    for name in names:
         target = targets[name]
-        mean = weighted_mean([d[name] for d in deltas], weights).to(target.device)
-        target.add_(mean)
-        means[name] = mean
+        means[name] = means[name].to(target.device)
+        target.add_(means[name])
     return means
 
 

@@ -76,7 +76,7 @@ class FedAvgServer(ServerHalf):
             self.last_update = {}
             return {"clients": 0}
         weights = sample_weights(replies)
-        deltas = [self.codec.decode(p) for _, p in replies]
+        deltas = (self.codec.decode(p) for _, p in replies)  # one client's dense update at a time
         floats = [n for n, v in self.state.items() if v.is_floating_point()]
         self.last_update = apply_mean_update(self.state, deltas, weights, floats)
         return {"clients": len(replies), "train_loss": mean_train_loss(replies, weights)}

@@ -167,7 +167,7 @@ class LoraServer(ServerHalf):
         if not replies:
             return {"clients": 0}
         weights = sample_weights(replies)
-        deltas = [self.codec.decode(p) for _, p in replies]
+        deltas = (self.codec.decode(p) for _, p in replies)  # one client's dense update at a time
         # A and B (and everything else trained) are averaged separately, as the paper does.
         self.last_update = apply_mean_update(self.shared, deltas, weights)
         if self.tau and rnd % self.tau == 0:

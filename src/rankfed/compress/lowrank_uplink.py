@@ -100,7 +100,7 @@ def _greedylore_compress(rank, update_gap, tensors, state, seed):
         if refresh or name not in bases:
             u, _, vh = torch.linalg.svd(x.double(), full_matrices=False)
             bases[name] = (u if left else vh.T).to(x.dtype)
-            error[name] = torch.zeros_like(x)
+            error.pop(name, None)  # sent exactly: no residual (a missing one counts as zero)
             entries[name] = x.reshape(t.shape)
             continue
         xs = x if left else x.T  # (s, l)

@@ -14,9 +14,11 @@ is serialised once (and counted once per recipient).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -152,6 +154,7 @@ class Simulator:
         min_clients: int = 1,
         execution: str = "auto",
         compile: bool = False,
+        workers: int = 1,
     ):
         if not 1 <= clients_per_round <= len(clients):
             raise ValueError(f"clients_per_round = {clients_per_round} must be in [1, {len(clients)}]")
@@ -168,6 +171,15 @@ class Simulator:
         self.execution, self.compile = execution, compile
         self.cohort_rounds = 0  # rounds whose clients trained as one vectorised cohort
         self._warned_fallback = False
+        if workers < 1:
+            raise ValueError(f"workers = {workers}: must be >= 1")
+        # workers > 1: clients not trained as a cohort train in that many threads at once, each
+        # with its own client half and model; not with dropout (torch's global RNG seeds it)
+        if workers > 1 and any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):
+            warnings.warn(f"federation.workers = {workers}: the model has dropout, whose masks come from torch's global RNG; clients train one at a time", stacklevel=2)
+            workers = 1
+        self.workers = workers
+        self._pool: ThreadPoolExecutor | None = None
         self.min_clients = min_clients
         self.max_upload_bytes = upload_limit(model)
         self.algorithm = algorithm
@@ -177,6 +189,8 @@ class Simulator:
         self.server = algorithm.make_server(model, ctx)
         self.client = algorithm.make_client(model, ctx)
         self.worker = copy.deepcopy(model)
+        # one (client half, model) per client thread; the first is the simulator's own
+        self._halves = [(self.client, self.worker)] + [(algorithm.make_client(model, ctx), copy.deepcopy(model)) for _ in range(self.workers - 1)]
         self.eval_model = copy.deepcopy(model)
         # The one replica standing for every stateful client's (identical) replica.
         self.replica = self.client.init_replica(model) if client_kind == "stateful" else None
@@ -232,6 +246,8 @@ class Simulator:
             self._warned_fallback = True
             why = cohort_supported(self.worker, self.ctx.client) or f"{self.algorithm.name} with these options has no vectorised path"
             warnings.warn(f"federation.execution = 'vectorized': clients train one by one ({why})", stacklevel=2)
+        if uplinks is None and self.workers > 1 and len(ids) > 1:
+            uplinks = self._fit_in_threads([received_by[cid] for cid in ids], ctxs)
         for i, (cid, cctx) in enumerate(zip(ids, ctxs)):
             state = cctx.state
             raw = encode(uplinks[i] if uplinks is not None else self.client.fit(received_by[cid], cctx))
@@ -275,6 +291,37 @@ class Simulator:
         rec.wall_s = time.perf_counter() - self._t_start
         self.history.append(rec)
         return rec
+
+    def _fit_in_threads(self, payloads: list, ctxs: list[ClientContext]) -> list:
+        """The round's clients trained by ``workers`` threads at once, each with its own client
+        half and model object and 1/workers of torch's threads (small models train faster as
+        several single-threaded clients than as one client on every core). Each client's work
+        is what :meth:`ClientHalf.fit` does alone, so the uplinks equal sequential execution's
+        up to the float order of multi-threaded kernels."""
+        k = len(self._halves)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(k, thread_name_prefix="rankfed-client")
+        out: list = [None] * len(ctxs)
+
+        def work(j: int) -> None:
+            half, model = self._halves[j]
+            for i in range(j, len(ctxs), k):
+                out[i] = half.fit(payloads[i], dataclasses.replace(ctxs[i], model=model))
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, threads // k))
+        try:
+            for f in [self._pool.submit(work, j) for j in range(k)]:
+                f.result()
+        finally:
+            torch.set_num_threads(threads)
+        return out
+
+    def close(self) -> None:
+        """Stop the client threads (``federation.workers`` > 1); the simulator stays usable."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
     def evaluate(self, global_state: dict[str, torch.Tensor] | None = None) -> tuple[float, float]:
         """Accuracy and loss of the current global model on the test set."""
