@@ -82,6 +82,16 @@ def test_compiled_cohort_step_equals_sequential(tmp_path, cohort_calls):
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-4, msg=k)
 
 
+def test_a_compile_failure_names_the_setting(tmp_path, monkeypatch):
+    import torch._inductor.config as inductor
+
+    monkeypatch.setattr(inductor.cpp, "cxx", (None, str(tmp_path / "no-such-g++")))  # no C++ compiler
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = load_config(None, ["task.model=mlp", "federation.clients=4", "federation.rounds=1", "client.batch_size=7", "federation.execution='vectorized'", "federation.compile=true"])
+    with pytest.raises(RuntimeError, match=r"federation.compile = true: torch.compile could not compile .*set federation.compile = false"):
+        run_experiment(cfg, tmp_path / "run")
+
+
 def test_unsupported_settings_fall_back_to_sequential_exactly(tmp_path, cohort_calls):
     with pytest.warns(UserWarning, match="adamw"):
         _, models = _run_both(tmp_path, [*BASE, "client.optimizer=adamw", "client.lr=0.001"])
@@ -102,7 +112,11 @@ def test_cohort_supported_names_the_reason():
     adam = load_config(None, ["client.optimizer=adamw"]).client
     assert "adamw" in cohort_supported(exp.model, adam)
     bn = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
-    assert "buffers" in cohort_supported(bn, exp.cfg.client)
+    assert cohort_supported(bn, exp.cfg.client) is None
+    assert "momentum=None" in cohort_supported(torch.nn.Sequential(torch.nn.BatchNorm1d(2, momentum=None)), exp.cfg.client)
+    other = torch.nn.Linear(2, 2)
+    other.register_buffer("scale", torch.ones(2))
+    assert "'scale'" in cohort_supported(other, exp.cfg.client)
     drop = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5))
     assert "dropout" in cohort_supported(drop, exp.cfg.client)
     with pytest.raises(Exception, match="federation.execution"):
@@ -150,3 +164,55 @@ def test_client_threads_are_refused_for_dropout_and_bad_counts():
     exp.model.add_module("drop", torch.nn.Dropout(0.5))
     with pytest.warns(UserWarning, match="dropout"):
         assert exp.simulator().workers == 1
+
+
+# BatchNorm in a cohort: each client normalises with its real samples' statistics (padding left
+# out: clients of 13, 20 and 7 samples in batches of 8 have partial last batches) and its running
+# statistics travel in the upload, as when it trains alone
+def _bn_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(64, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 3)
+    )
+
+
+def _bn_simulator(algorithm: str, execution: str, **options):
+    from rankfed.algorithms import get_algorithm
+    from rankfed.algorithms.base import RunContext
+    from rankfed.config import ClientConfig
+    from rankfed.data import ClientData
+    from rankfed.sim.simulator import Simulator
+
+    g = torch.Generator().manual_seed(1)
+    clients = []
+    for n in (13, 20, 7):
+        x, y = torch.randn(n, 1, 4, 4, generator=g), torch.randint(0, 3, (n,), generator=g)
+        clients.append(ClientData(x=x, y=y, val_x=x[:0], val_y=y[:0]))
+    test = (torch.randn(30, 1, 4, 4, generator=g), torch.randint(0, 3, (30,), generator=g))
+    cfg = ClientConfig(optimizer="sgd", lr=0.1, momentum=0.9, batch_size=8, local_epochs=2)
+    ctx = RunContext(num_clients=3, rounds=2, seed=0, client=cfg)
+    return Simulator(get_algorithm(algorithm, options), _bn_model(), clients, test, ctx, clients_per_round=3, execution=execution)
+
+
+@pytest.mark.parametrize("algorithm,options", [("fedavg", {}), ("mapa", {"k": 16}), ("fedlora", {"rank": 2, "patterns": ["*"], "exclude": []})])
+def test_batchnorm_cohorts_equal_sequential(algorithm, options):
+    sims = {mode: _bn_simulator(algorithm, mode, **options) for mode in ("sequential", "vectorized")}
+    for sim in sims.values():
+        sim.run()
+    assert sims["vectorized"].cohort_rounds == 2
+    a, b = (sims[m].server.global_model_state() for m in ("sequential", "vectorized"))
+    assert any("running_var" in k for k in a)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-4, msg=k)
+
+
+def test_batchnorm_cohorts_are_not_compiled_but_still_train():
+    seq, vec = _bn_simulator("fedavg", "sequential"), _bn_simulator("fedavg", "vectorized")
+    vec.compile = True
+    with pytest.warns(UserWarning, match="BatchNorm is not compiled"):
+        vec.run()
+    seq.run()
+    assert vec.cohort_rounds == 2
+    a, b = seq.server.global_model_state(), vec.server.global_model_state()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-4, msg=k)

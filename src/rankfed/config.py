@@ -116,7 +116,7 @@ class FederationConfig:
     resume_every: int = 10  # save what `rankfed run --resume` needs every n rounds (0 = never)
     # vectorized: a round's clients train together (torch.func.vmap) where the algorithm, model and
     # optimiser allow it (FedAvg, MAPA, FA-LoRA, FedLoRA, FedLoRU with SGD on models without
-    # buffers or dropout), else one by one; auto: vectorized on a GPU, sequential on the CPU
+    # dropout, BatchNorm included), else one by one; auto: vectorized on a GPU, sequential on the CPU
     # (where vectorized is measured slower: benchmarks/RESULTS.md, "Simulator speed")
     execution: str = "auto"
     compile: bool = False  # vectorized: torch.compile each cohort step (a one-time compile, ~20 s on a CPU)

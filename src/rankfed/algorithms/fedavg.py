@@ -105,7 +105,7 @@ class FedAvgClient(ClientHalf):
         model, cfg = ctxs[0].model, ctxs[0].trainer.cfg
         if cohort_supported(model, cfg) is not None:
             return None
-        names = [n for n, _ in model.named_parameters()]  # no buffers (cohort_supported): all of float_state
+        names = list(float_state(model))  # parameters and BatchNorm statistics
         starts = [ctx.replica if ctx.replica is not None else p for p, ctx in zip(payloads, ctxs)]
         cohort = self.cohort_trainer(model, cfg, compile=compile)
         trained, stats = cohort.train([{n: s[n] for n in names} for s in starts], {}, [c.data for c in ctxs], [c.seed for c in ctxs], ctxs[0].trainer, ctxs[0].round)

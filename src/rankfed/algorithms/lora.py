@@ -232,12 +232,12 @@ class LoraClient(ClientHalf):
         trained_names = [n for n, p in model.named_parameters() if p.requires_grad]
         frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
         cohort = self.cohort_trainer(model, cfg, compile=compile)
-        first = {n: start[n] for n in trained_names}
+        first = {n: start[n] for n in self.shared}  # the trained parameters and BatchNorm statistics
         trained, stats = cohort.train([first] * len(ctxs), frozen, [c.data for c in ctxs], [c.seed for c in ctxs], ctxs[0].trainer, ctxs[0].round)
         out = []
         with torch.no_grad():
             for params, st, ctx in zip(trained, stats, ctxs):
-                delta = {n: params[n] - start[n].to(params[n].device) for n in trained_names}
+                delta = {n: params[n] - start[n].to(params[n].device) for n in self.shared}
                 out.append(client_uplink(ctx, st, self.codec.encode(delta, ctx.state, ctx.seed)))
         return out
 

@@ -229,9 +229,15 @@ class MapaClient(ClientHalf):
         shared = {n: start[n].to(device) for n in geo.layout.names}
         shared["@a"] = geo.a(int(payloads[0]["@seed"]), device)
         cohort = self.cohort_trainer(model, cfg, build=self._build, compile=compile)
-        zero = {"B": torch.zeros(geo.k, device=device)}
-        trained, stats = cohort.train([zero] * len(ctxs), shared, [c.data for c in ctxs], [c.seed for c in ctxs], ctxs[0].trainer, ctxs[0].round)
-        return [client_uplink(ctx, st, self.codec.encode({"B": t["B"].clone()}, ctx.state, ctx.seed)) for t, st, ctx in zip(trained, stats, ctxs)]
+        buffers = list(_float_buffers(model))  # BatchNorm statistics, uploaded as deltas
+        first = {"B": torch.zeros(geo.k, device=device), **{n: start[n] for n in buffers}}
+        trained, stats = cohort.train([first] * len(ctxs), shared, [c.data for c in ctxs], [c.seed for c in ctxs], ctxs[0].trainer, ctxs[0].round)
+        out = []
+        with torch.no_grad():
+            for t, st, ctx in zip(trained, stats, ctxs):
+                tensors = {"B": t["B"].clone(), **{n: t[n] - start[n].to(t[n].device) for n in buffers}}
+                out.append(client_uplink(ctx, st, self.codec.encode(tensors, ctx.state, ctx.seed)))
+        return out
 
 
 @register

@@ -12,14 +12,18 @@ out (its tensors and momentum unchanged).
 What is trained need not be the model's parameters: an algorithm passes ``build(trained,
 shared) -> parameters`` (MAPA trains one vector B and the parameters are W + vec(A B)).
 Applies to SGD (momentum, Nesterov, weight decay, gradient clipping) on models without
-buffers or dropout (their state or randomness would differ under vmap);
-:func:`cohort_supported` says whether it does. With ``compile=True`` the whole step
+dropout (its randomness would differ under vmap) and without buffers other than BatchNorm
+statistics; BatchNorm layers normalise with the statistics of each client's real samples
+(padding left out) and their running statistics are carried per client.
+:func:`cohort_supported` says whether a model and settings apply. With ``compile=True`` the whole step
 (gradients, clipping, momentum, update) is one ``torch.compile`` graph, compiled once per
 process and cohort shape.
 """
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -41,11 +45,83 @@ def cohort_supported(model: nn.Module, cfg: ClientConfig) -> str | None:
     """Why the model or client settings cannot train as a vectorised cohort (None if they can)."""
     if cfg.optimizer != "sgd":
         return f"client.optimizer = {cfg.optimizer!r} (vectorised training implements sgd)"
-    if any(True for _ in model.buffers()):
-        return "the model has buffers (BatchNorm statistics would differ under vmap)"
+    owners = _buffer_owners(model)
+    for name, _ in model.named_buffers():
+        bn = owners.get(name)
+        if bn is None:
+            return f"the model has buffer {name!r}, which is not a BatchNorm statistic"
+        if bn.momentum is None:
+            return f"BatchNorm with momentum=None (a cumulative average) at {name!r}"
     if any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):
         return "the model has dropout (its randomness would differ under vmap)"
     return None
+
+
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _buffer_owners(model: nn.Module) -> dict[str, nn.Module]:
+    """Buffer name -> its BatchNorm module, for the buffers of tracking BatchNorm layers."""
+    out = {}
+    for prefix, m in model.named_modules():
+        if isinstance(m, _BN) and m.track_running_stats:
+            for b, _ in m.named_buffers(recurse=False):
+                out[f"{prefix}.{b}" if prefix else b] = m
+    return out
+
+
+class _MaskedBatchNorm:
+    """While a cohort trains, the model's BatchNorm layers normalise with the statistics of
+    the valid (unpadded) samples only, and report their new running statistics here instead
+    of updating buffers in place (vmap carries them as per-client tensors)."""
+
+    def __init__(self, model: nn.Module):
+        self.layers = {m: name for name, m in model.named_modules() if isinstance(m, _BN) and m.track_running_stats}
+        self.mask: torch.Tensor | None = None
+        self.updates: dict[str, torch.Tensor] = {}
+
+    def __enter__(self):
+        for m in self.layers:
+            m.forward = self._forward_of(m)
+        return self
+
+    def __exit__(self, *exc):
+        for m in self.layers:
+            del m.forward  # back to the class's forward
+        return False
+
+    def _forward_of(self, m: nn.Module):
+        prefix = self.layers[m]
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            if not m.training:
+                return type(m).forward(m, x)
+            w = self.mask  # (B,): 1 for a real sample, 0 for padding
+            dims = [0, *range(2, x.dim())]
+            per_sample = x[0, 0].numel()  # positions per channel and sample
+            shape = (1, -1, *[1] * (x.dim() - 2))
+            mw = w.view(-1, *[1] * (x.dim() - 1))
+            n = w.sum() * per_sample
+            mean = (x * mw).sum(dims) / n.clamp_min(1.0)
+            var = ((x - mean.view(shape)).square() * mw).sum(dims) / n.clamp_min(1.0)
+            out = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + m.eps)
+            if m.affine:
+                out = out * m.weight.view(shape) + m.bias.view(shape)
+            mom = m.momentum
+            unbiased = var.detach() * n / (n - 1).clamp_min(1.0)
+            self.updates[f"{prefix}.running_mean" if prefix else "running_mean"] = (1 - mom) * m.running_mean + mom * mean.detach()
+            self.updates[f"{prefix}.running_var" if prefix else "running_var"] = (1 - mom) * m.running_var + mom * unbiased
+            self.updates[f"{prefix}.num_batches_tracked" if prefix else "num_batches_tracked"] = m.num_batches_tracked + 1
+            return out
+
+        return forward
+
+
+def _is_compile_error(e: BaseException) -> bool:
+    """Whether ``e`` comes from torch.compile (Dynamo or Inductor: no C++ compiler, an
+    unsupported op), not from the model."""
+    mod = type(e).__module__ or ""
+    return mod.startswith(("torch._dynamo", "torch._inductor")) or "InductorError" in type(e).__name__ or "BackendCompilerFailed" in type(e).__name__
 
 
 def _default_build(trained: Tensors, shared: Tensors) -> Tensors:
@@ -65,19 +141,25 @@ class CohortTrainer:
         self.model, self.cfg = model, cfg
         self.build = build or _default_build
         self.compile = compile
+        self.buffer_names = [n for n, _ in model.named_buffers()]  # BatchNorm statistics (cohort_supported)
+        self._bn = _MaskedBatchNorm(model) if self.buffer_names else None
         self._step_fn = None
 
     # -- the step, as one pure function of tensors ------------------------------------------
-    def _loss(self, trained: Tensors, shared: Tensors, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor):
-        logits = functional_call(self.model, self.build(trained, shared), (x,))
+    def _loss(self, trained: Tensors, stats: Tensors, shared: Tensors, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor):
+        if self._bn is not None:
+            self._bn.mask, self._bn.updates = w, {}
+        logits = functional_call(self.model, {**self.build(trained, shared), **stats}, (x,))
         ce = F.cross_entropy(logits, y, reduction="none")
         loss = (ce * w).sum() / w.sum().clamp_min(1.0)
-        return loss, loss.detach()
+        new_stats = {n: self._bn.updates.get(n, v) for n, v in stats.items()} if self._bn is not None else {}
+        return loss, (loss.detach(), new_stats)
 
-    def _step(self, trained: Tensors, bufs: Tensors, shared: Tensors, x, y, w, active, lr):
+    def _step(self, trained: Tensors, bufs: Tensors, stats: Tensors, shared: Tensors, x, y, w, active, lr):
         cfg = self.cfg
-        g, losses = vmap(grad(self._loss, has_aux=True), in_dims=(0, None, 0, 0, 0))(trained, shared, x, y, w)
+        g, (losses, new_stats) = vmap(grad(self._loss, has_aux=True), in_dims=(0, 0, None, 0, 0, 0))(trained, stats, shared, x, y, w)
         c = active.shape[0]
+        stats = {n: torch.where(active.view(-1, *[1] * (v.dim() - 1)), new_stats[n], v) for n, v in stats.items()}
         if cfg.grad_clip > 0:  # per client, as clip_grad_norm_ over that client's trained tensors
             norms = torch.sqrt(sum(v.reshape(c, -1).pow(2).sum(1) for v in g.values()))
             coef = (cfg.grad_clip / (norms + 1e-6)).clamp(max=1.0)
@@ -91,10 +173,13 @@ class CohortTrainer:
                 new_bufs[n] = torch.where(mask, buf, bufs[n])
                 d = d + cfg.momentum * buf if cfg.nesterov else buf
             new_trained[n] = torch.where(mask, p - lr * d, p)
-        return new_trained, new_bufs, losses
+        return new_trained, new_bufs, stats, losses
 
     def _stepper(self):
         if self._step_fn is None:
+            if self.compile and self._bn is not None:  # inductor fails on it ("Cannot access storage of TensorWrapper")
+                warnings.warn("federation.compile = true: the cohort step of a model with BatchNorm is not compiled (torch.compile cannot trace it); running it eagerly", stacklevel=3)
+                self.compile = False
             self._step_fn = torch.compile(self._step, dynamic=False) if self.compile else self._step
         return self._step_fn
 
@@ -113,9 +198,12 @@ class CohortTrainer:
         each client's trained tensors and its :class:`TrainStats`."""
         device = datas[0].x.device
         c, bs = len(datas), trainer.cfg.batch_size
-        names = list(starts[0])
+        names = [n for n in starts[0] if n not in self.buffer_names]
         with torch.no_grad():
             trained = {n: torch.stack([s[n].detach().to(device) for s in starts]) for n in names}
+            # each client's BatchNorm statistics: from its start where given, else the model's
+            own = dict(self.model.named_buffers())
+            stats = {n: torch.stack([(s[n] if n in s else own[n]).detach().to(device) for s in starts]) for n in self.buffer_names}
         shared = {n: v.detach() for n, v in shared.items()}
         # Every client's minibatches in LocalTrainer's order, as indices into the cohort's
         # concatenated data: one gather per step.
@@ -141,10 +229,17 @@ class CohortTrainer:
         loss_sum = torch.zeros(c, device=device)
         for s in range(steps):
             x, y = xs[index[s]], ys[index[s]]
-            trained, bufs, losses = step(trained, bufs, shared, x, y, weight[s], active[s], lr)
+            try:
+                with self._bn if self._bn is not None else contextlib.nullcontext():
+                    trained, bufs, stats, losses = step(trained, bufs, stats, shared, x, y, weight[s], active[s], lr)
+            except Exception as e:  # noqa: BLE001 - only a compile failure is translated
+                if not self.compile or not _is_compile_error(e):
+                    raise
+                first = "; ".join(line.strip() for line in str(e).splitlines() if line.strip() and not line.strip().endswith("raised:"))[:300]
+                raise RuntimeError(f"federation.compile = true: torch.compile could not compile the cohort step ({type(e).__name__}: {first}); set federation.compile = false") from e
             loss_sum += losses.detach() * weight[s].sum(1)
         samples = weight.sum((0, 2))
-        out = [{n: trained[n][i].detach() for n in names} for i in range(c)]
+        out = [{**{n: trained[n][i].detach() for n in names}, **{n: stats[n][i] for n in self.buffer_names}} for i in range(c)]
         stats = [
             TrainStats(steps=len(plans[i]), samples=int(samples[i]), mean_loss=float(loss_sum[i] / samples[i]) if samples[i] > 0 else float("nan"))
             for i in range(c)
