@@ -216,3 +216,21 @@ def test_batchnorm_cohorts_are_not_compiled_but_still_train():
     a, b = seq.server.global_model_state(), vec.server.global_model_state()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-4, msg=k)
+
+
+def test_a_cohort_out_of_memory_trains_the_round_one_by_one(tmp_path, monkeypatch):
+    """Nothing of the failed cohort is kept: the run ends as a sequential run does, bit for bit."""
+    calls = []
+
+    def oom(self, *a, **k):
+        calls.append(1)
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(CohortTrainer, "_train", oom)
+    overrides = [*BASE, "client.momentum=0.9", "algorithm.compressor=topk", "algorithm.topk_ratio=0.1", "algorithm.error_feedback=true"]
+    run_experiment(load_config(None, [*overrides, "federation.execution='sequential'"]), tmp_path / "seq")
+    with pytest.warns(UserWarning, match="does not fit in cpu memory.*one by one from round 1 on"):
+        summary = run_experiment(load_config(None, [*overrides, "federation.execution='vectorized'"]), tmp_path / "vec")
+    assert len(calls) == 1 and summary["execution"] == "sequential" and summary["cohort_rounds"] == 0
+    a, b = (torch.load(tmp_path / m / "model.pt") for m in ("seq", "vec"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -30,7 +30,7 @@ from rankfed.algorithms.base import CLIENT_KINDS, Algorithm, ClientContext, RunC
 from rankfed.algorithms.validate import CheckedRound, aggregate_checked, nonfinite_entries, upload_limit
 from rankfed.data import ClientData
 from rankfed.sim.trainer import LocalTrainer
-from rankfed.sim.vectorized import cohort_supported
+from rankfed.sim.vectorized import CohortOutOfMemory, cohort_supported
 from rankfed.wire import decode, encode
 
 __all__ = ["Simulator", "RoundRecord", "Diverged", "aggregate_round", "evaluate", "sample_clients"]
@@ -239,7 +239,13 @@ class Simulator:
                 nbytes, received_by[cid], _ = wire_cache[id(sent)]
                 down_sizes.append(nbytes)
         ctxs = [ClientContext(cid, rnd, self.worker, self.clients[cid], self.trainer, self.client_states.get(cid, {}), self.replica) for cid in ids]
-        uplinks = self.client.fit_cohort([received_by[cid] for cid in ids], ctxs, compile=self.compile) if self.execution == "vectorized" else None
+        uplinks = None
+        if self.execution == "vectorized":
+            try:
+                uplinks = self.client.fit_cohort([received_by[cid] for cid in ids], ctxs, compile=self.compile)
+            except CohortOutOfMemory as e:  # nothing of the round was kept: train it, and the rest, one by one
+                self.execution = "sequential"
+                warnings.warn(f"federation.execution = 'vectorized': {e}; the clients train one by one from round {rnd} on", stacklevel=2)
         if uplinks is not None:
             self.cohort_rounds += 1
         elif self.execution == "vectorized" and not self._warned_fallback:

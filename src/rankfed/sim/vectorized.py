@@ -35,7 +35,7 @@ from rankfed.config import ClientConfig
 from rankfed.data import ClientData
 from rankfed.sim.trainer import LocalTrainer, TrainStats
 
-__all__ = ["CohortTrainer", "cohort_supported", "train_cohort"]
+__all__ = ["CohortOutOfMemory", "CohortTrainer", "cohort_supported", "train_cohort"]
 
 Tensors = dict[str, torch.Tensor]
 Build = Callable[[Tensors, Tensors], Tensors]
@@ -58,6 +58,15 @@ def cohort_supported(model: nn.Module, cfg: ClientConfig) -> str | None:
 
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+class CohortOutOfMemory(RuntimeError):
+    """The cohort's stacked tensors and activations do not fit the device (raised before any
+    client's state or upload is touched, so the round can be trained one client at a time)."""
+
+
+def _is_out_of_memory(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
 
 
 def _buffer_owners(model: nn.Module) -> dict[str, nn.Module]:
@@ -195,7 +204,20 @@ class CohortTrainer:
     ) -> tuple[list[Tensors], list[TrainStats]]:
         """Train client i's tensors from ``starts[i]`` on ``datas[i]`` with minibatch seed
         ``seeds[i]``; ``shared`` are the tensors every client reads but none trains. Returns
-        each client's trained tensors and its :class:`TrainStats`."""
+        each client's trained tensors and its :class:`TrainStats`. Raises
+        :class:`CohortOutOfMemory` when the cohort does not fit the device."""
+        try:
+            return self._train(starts, shared, datas, seeds, trainer, rnd)
+        except Exception as e:
+            if not _is_out_of_memory(e):
+                raise
+            device = datas[0].x.device
+            err = f"a cohort of {len(datas)} clients does not fit in {device.type} memory ({type(e).__name__})"
+        if device.type == "cuda":  # outside the except block: the failed step's tensors are released
+            torch.cuda.empty_cache()
+        raise CohortOutOfMemory(err)
+
+    def _train(self, starts, shared, datas, seeds, trainer, rnd):
         device = datas[0].x.device
         c, bs = len(datas), trainer.cfg.batch_size
         names = [n for n in starts[0] if n not in self.buffer_names]
