@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import write_result  # noqa: E402
 
 from rankfed.config import load_config  # noqa: E402
+from rankfed.data import ClientData  # noqa: E402
 from rankfed.runner import build_experiment  # noqa: E402
 from rankfed.sim.simulator import sample_clients  # noqa: E402
 
@@ -51,9 +52,11 @@ class BareLoop:
     """The limit: a hand-written PyTorch FedAvg loop over the same tensors, nothing else (no
     serialisation, no checks, no byte counting)."""
 
-    def __init__(self, exp):
+    def __init__(self, exp, device: str = "cpu"):
         self.exp, self.cfg = exp, exp.cfg
-        self.model = copy.deepcopy(exp.model)
+        self.device = torch.device(device)
+        self.model = copy.deepcopy(exp.model).to(self.device)
+        self.clients = [ClientData(c.x.to(self.device), c.y.to(self.device), c.val_x, c.val_y) for c in exp.clients]
         self.glob = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
     def run_round(self, rnd: int) -> float:
@@ -63,10 +66,10 @@ class BareLoop:
         acc = {k: torch.zeros_like(v) for k, v in self.glob.items()}
         total = 0
         for cid in ids:
-            data = self.exp.clients[cid]
+            data = self.clients[cid]
             self.model.load_state_dict(self.glob)
             opt = torch.optim.SGD(self.model.parameters(), lr=cl.lr, momentum=cl.momentum)
-            perm = torch.randperm(data.num_samples, generator=torch.Generator().manual_seed(rnd * 1000 + cid))
+            perm = torch.randperm(data.num_samples, generator=torch.Generator().manual_seed(rnd * 1000 + cid)).to(self.device)
             for start in range(0, data.num_samples, cl.batch_size):
                 idx = perm[start : start + cl.batch_size]
                 loss = F.cross_entropy(self.model(data.x[idx]), data.y[idx])
@@ -78,6 +81,8 @@ class BareLoop:
                     acc[k] += data.num_samples * v
             total += data.num_samples
         self.glob = {k: v / total for k, v in acc.items()}
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
         return time.perf_counter() - t0
 
 
@@ -156,7 +161,7 @@ def main() -> None:
         built = {}
         for name in engines:
             if name == "bare":
-                built[name] = BareLoop(build_experiment(load_config(None, base)))
+                built[name] = BareLoop(build_experiment(load_config(None, base)), args.device)
             elif name in ("sequential", "threads", "vectorized", "compiled"):
                 mode = "sequential" if name in ("sequential", "threads") else "vectorized"
                 extra = {"compiled": ["federation.compile=true"], "threads": [f"federation.workers={os.cpu_count()}"]}.get(name, [])

@@ -232,18 +232,19 @@ class CohortTrainer:
         plans = []
         for data, seed in zip(datas, seeds):
             gen = torch.Generator().manual_seed(seed)
-            plans.append(list(trainer.batches(data.num_samples, gen, device)) if data.num_samples else [])
+            plans.append(list(trainer.batches(data.num_samples, gen, torch.device("cpu"))) if data.num_samples else [])
         steps = max((len(p) for p in plans), default=0)
         xs = torch.cat([d.x for d in datas])
         ys = torch.cat([d.y for d in datas])
-        index = torch.zeros((steps, c, bs), dtype=torch.long, device=device)
-        weight = torch.zeros((steps, c, bs), device=device)
+        index = torch.zeros((steps, c, bs), dtype=torch.long)  # built on the CPU, moved once
+        weight = torch.zeros((steps, c, bs))
         offset = 0
         for i, plan in enumerate(plans):
             for s, idx in enumerate(plan):
                 index[s, i, : idx.numel()] = idx + offset
                 weight[s, i, : idx.numel()] = 1.0
             offset += datas[i].num_samples
+        index, weight = index.to(device), weight.to(device)
         active = weight.sum(2) > 0  # (steps, c)
         bufs = {n: torch.zeros_like(v) for n, v in trained.items()} if trainer.cfg.momentum else {}
         lr = torch.tensor(trainer.lr_at(rnd), device=device)  # a tensor: a new lr does not recompile
