@@ -218,3 +218,15 @@ def test_a_diverging_run_stops_with_a_clear_status(config, tmp_path, capsys):
     ok = tmp_path / "ok"
     assert main(["-q", "run", str(config), "--out", str(ok), "--set", "federation.rounds=1"]) == 0
     assert json.loads((ok / "summary.json").read_text())["status"] == "completed"
+
+
+def test_a_fallback_warning_is_one_rankfed_line(config, tmp_path):
+    """A library warning reaches the user as one line, like an error, not as a Python trace line."""
+    import subprocess
+    import sys
+
+    args = ["run", str(config), "--out", str(tmp_path / "r"), "--set", "federation.rounds=1", "--set", "client.optimizer='adamw'", "--set", "client.lr=0.001", "--set", "federation.execution='vectorized'"]
+    proc = subprocess.run([sys.executable, "-m", "rankfed", "-q", *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "rankfed: warning: federation.execution = 'vectorized': clients train one by one (client.optimizer = 'adamw'" in proc.stderr
+    assert "UserWarning" not in proc.stderr and "run_round" not in proc.stderr

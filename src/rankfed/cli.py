@@ -24,6 +24,7 @@ import json
 import shlex
 import signal
 import sys
+import warnings
 from importlib import resources
 from pathlib import Path
 
@@ -356,8 +357,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """rankfed's own warnings (UserWarning) as one line, like its errors; others as Python prints them."""
+    if category is UserWarning and "rankfed" in str(filename):
+        return f"rankfed: warning: {message}\n"
+    return _python_format_warning(message, category, filename, lineno, line)
+
+
+_python_format_warning = warnings.formatwarning
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    warnings.formatwarning = _format_warning
     # Off a terminal (logs, CI, pipes) rich would squeeze tables into 80 columns.
     console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
     err = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 160)
