@@ -112,6 +112,26 @@ def result(*, engine: str, version: str, participation: float, clients_per_round
     return out
 
 
+def bare_check(bare, med: float, diff: float, interleaved: bool, load_before: list[float], load_after: list[float]) -> dict:
+    """The result fields of the bare-loop check (``bare``: the Replayer, or None under --no-bare)
+    and the machine's load around the run, the same for every engine."""
+    bare_med = median_after_first(bare.times) if bare else float("nan")
+    return {
+        "bare_round_s": bare.times if bare else None,
+        "bare_median_round_s": bare_med,
+        "engine_over_bare": med / bare_med,
+        "bare_interleaved": interleaved,
+        "bare_max_abs_weight_diff": diff,
+        "load_average_before": load_before,
+        "load_average_after": load_after,
+    }
+
+
+def mean_samples_per_round(samples: list[int]) -> float:
+    """Client-samples per round, rounds 2..R (those the median covers)."""
+    return sum(samples[1:]) / len(samples[1:]) if len(samples) > 1 else samples[0]
+
+
 def emit(res: dict, json_path: str | None) -> None:
     """Print and write the result; NaN (a skipped figure) is written as null, which JSON has."""
     res = {k: (None if isinstance(v, float) and v != v else v) for k, v in res.items()}

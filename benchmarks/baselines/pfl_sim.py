@@ -198,19 +198,13 @@ def main() -> None:
         clients_per_round=k,
         rounds=args.rounds,
         round_s=round_s,
-        samples_per_round=sum(samples[1:]) / len(samples[1:]) if len(samples) > 1 else samples[0],
+        samples_per_round=_task.mean_samples_per_round(samples),
         notes=notes,
         torch_version=torch.__version__,
         torch_threads=torch.get_num_threads(),
         total_s=total,
         test_accuracy=acc,
-        bare_round_s=bare.times if bare else None,
-        bare_median_round_s=bare_med,
-        engine_over_bare=med / bare_med,
-        bare_interleaved=interleaved,
-        bare_max_abs_weight_diff=diff,
-        load_average_before=load_before,
-        load_average_after=load_after,
+        **_task.bare_check(bare, med, diff, interleaved, load_before, load_after),
     )
     _task.emit(res, args.json)
 

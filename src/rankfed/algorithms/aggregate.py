@@ -11,11 +11,16 @@ from rankfed.wire import Payload
 __all__ = ["weighted_mean", "sample_weights", "apply_mean_update", "mean_train_loss", "add_present_"]
 
 
-def weighted_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """sum_i w_i * t_i / sum_i w_i, accumulated in the tensors' dtype."""
+def _weight_total(weights: Sequence[float]) -> float:
     total = float(sum(weights))
     if total <= 0:
         raise ValueError(f"weights must sum to a positive number, got {list(weights)}")
+    return total
+
+
+def weighted_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """sum_i w_i * t_i / sum_i w_i, accumulated in the tensors' dtype."""
+    total = _weight_total(weights)
     out = torch.zeros_like(tensors[0])
     for t, w in zip(tensors, weights):
         out.add_(t, alpha=w / total)
@@ -37,9 +42,7 @@ def apply_mean_update(
     decompresses lazily holds one client's dense update at a time, not the cohort's. The sums
     are formed in the order :func:`weighted_mean` forms them (bitwise the same result)."""
     names = list(targets if names is None else names)
-    total = float(sum(weights))
-    if total <= 0:
-        raise ValueError(f"weights must sum to a positive number, got {list(weights)}")
+    total = _weight_total(weights)
     means: dict[str, torch.Tensor] = {}
     for d, w in zip(deltas, weights):
         for name in names:

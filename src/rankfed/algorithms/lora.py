@@ -229,7 +229,6 @@ class LoraClient(ClientHalf):
             return None
         start = starts[0]
         self._load(start)
-        trained_names = [n for n, p in model.named_parameters() if p.requires_grad]
         frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
         cohort = self.cohort_trainer(model, cfg, compile=compile)
         first = {n: start[n] for n in self.shared}  # the trained parameters and BatchNorm statistics

@@ -30,7 +30,7 @@ from rankfed.algorithms.base import CLIENT_KINDS, Algorithm, ClientContext, RunC
 from rankfed.algorithms.validate import CheckedRound, aggregate_checked, nonfinite_entries, upload_limit
 from rankfed.data import ClientData
 from rankfed.sim.trainer import LocalTrainer
-from rankfed.sim.vectorized import CohortOutOfMemory, cohort_supported
+from rankfed.sim.vectorized import CohortOutOfMemory, cohort_supported, has_dropout
 from rankfed.wire import decode, encode
 
 __all__ = ["Simulator", "RoundRecord", "Diverged", "aggregate_round", "evaluate", "sample_clients"]
@@ -175,7 +175,7 @@ class Simulator:
             raise ValueError(f"workers = {workers}: must be >= 1")
         # workers > 1: clients not trained as a cohort train in that many threads at once, each
         # with its own client half and model; not with dropout (torch's global RNG seeds it)
-        if workers > 1 and any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):
+        if workers > 1 and has_dropout(model):
             warnings.warn(f"federation.workers = {workers}: the model has dropout, whose masks come from torch's global RNG; clients train one at a time", stacklevel=2)
             workers = 1
         self.workers = workers

@@ -35,10 +35,15 @@ from rankfed.config import ClientConfig
 from rankfed.data import ClientData
 from rankfed.sim.trainer import LocalTrainer, TrainStats
 
-__all__ = ["CohortOutOfMemory", "CohortTrainer", "cohort_supported", "train_cohort"]
+__all__ = ["CohortOutOfMemory", "CohortTrainer", "cohort_supported", "has_dropout"]
 
 Tensors = dict[str, torch.Tensor]
 Build = Callable[[Tensors, Tensors], Tensors]
+
+
+def has_dropout(model: nn.Module) -> bool:
+    """Whether ``model`` has an active dropout layer (its masks come from torch's global RNG)."""
+    return any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
 
 
 def cohort_supported(model: nn.Module, cfg: ClientConfig) -> str | None:
@@ -52,7 +57,7 @@ def cohort_supported(model: nn.Module, cfg: ClientConfig) -> str | None:
             return f"the model has buffer {name!r}, which is not a BatchNorm statistic"
         if bn.momentum is None:
             return f"BatchNorm with momentum=None (a cumulative average) at {name!r}"
-    if any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):
+    if has_dropout(model):
         return "the model has dropout (its randomness would differ under vmap)"
     return None
 
@@ -69,14 +74,18 @@ def _is_out_of_memory(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
 
 
+def _tracking_batchnorms(model: nn.Module) -> dict[nn.Module, str]:
+    """The BatchNorm layers that keep running statistics, with their module names."""
+    return {m: name for name, m in model.named_modules() if isinstance(m, _BN) and m.track_running_stats}
+
+
+def _qualified(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
 def _buffer_owners(model: nn.Module) -> dict[str, nn.Module]:
     """Buffer name -> its BatchNorm module, for the buffers of tracking BatchNorm layers."""
-    out = {}
-    for prefix, m in model.named_modules():
-        if isinstance(m, _BN) and m.track_running_stats:
-            for b, _ in m.named_buffers(recurse=False):
-                out[f"{prefix}.{b}" if prefix else b] = m
-    return out
+    return {_qualified(prefix, b): m for m, prefix in _tracking_batchnorms(model).items() for b, _ in m.named_buffers(recurse=False)}
 
 
 class _MaskedBatchNorm:
@@ -85,7 +94,7 @@ class _MaskedBatchNorm:
     of updating buffers in place (vmap carries them as per-client tensors)."""
 
     def __init__(self, model: nn.Module):
-        self.layers = {m: name for name, m in model.named_modules() if isinstance(m, _BN) and m.track_running_stats}
+        self.layers = _tracking_batchnorms(model)
         self.mask: torch.Tensor | None = None
         self.updates: dict[str, torch.Tensor] = {}
 
@@ -118,9 +127,9 @@ class _MaskedBatchNorm:
                 out = out * m.weight.view(shape) + m.bias.view(shape)
             mom = m.momentum
             unbiased = var.detach() * n / (n - 1).clamp_min(1.0)
-            self.updates[f"{prefix}.running_mean" if prefix else "running_mean"] = (1 - mom) * m.running_mean + mom * mean.detach()
-            self.updates[f"{prefix}.running_var" if prefix else "running_var"] = (1 - mom) * m.running_var + mom * unbiased
-            self.updates[f"{prefix}.num_batches_tracked" if prefix else "num_batches_tracked"] = m.num_batches_tracked + 1
+            self.updates[_qualified(prefix, "running_mean")] = (1 - mom) * m.running_mean + mom * mean.detach()
+            self.updates[_qualified(prefix, "running_var")] = (1 - mom) * m.running_var + mom * unbiased
+            self.updates[_qualified(prefix, "num_batches_tracked")] = m.num_batches_tracked + 1
             return out
 
         return forward
@@ -131,6 +140,11 @@ def _is_compile_error(e: BaseException) -> bool:
     unsupported op), not from the model."""
     mod = type(e).__module__ or ""
     return mod.startswith(("torch._dynamo", "torch._inductor")) or "InductorError" in type(e).__name__ or "BackendCompilerFailed" in type(e).__name__
+
+
+def _per_client(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A (clients,) mask shaped to broadcast over ``like`` (clients, ...)."""
+    return mask.view(-1, *[1] * (like.dim() - 1))
 
 
 def _default_build(trained: Tensors, shared: Tensors) -> Tensors:
@@ -168,14 +182,14 @@ class CohortTrainer:
         cfg = self.cfg
         g, (losses, new_stats) = vmap(grad(self._loss, has_aux=True), in_dims=(0, 0, None, 0, 0, 0))(trained, stats, shared, x, y, w)
         c = active.shape[0]
-        stats = {n: torch.where(active.view(-1, *[1] * (v.dim() - 1)), new_stats[n], v) for n, v in stats.items()}
+        stats = {n: torch.where(_per_client(active, v), new_stats[n], v) for n, v in stats.items()}
         if cfg.grad_clip > 0:  # per client, as clip_grad_norm_ over that client's trained tensors
             norms = torch.sqrt(sum(v.reshape(c, -1).pow(2).sum(1) for v in g.values()))
             coef = (cfg.grad_clip / (norms + 1e-6)).clamp(max=1.0)
-            g = {n: v * coef.view(-1, *[1] * (v.dim() - 1)) for n, v in g.items()}
+            g = {n: v * _per_client(coef, v) for n, v in g.items()}
         new_trained, new_bufs = {}, {}
         for n, p in trained.items():
-            mask = active.view(-1, *[1] * (p.dim() - 1))
+            mask = _per_client(active, p)
             d = g[n] + cfg.weight_decay * p if cfg.weight_decay else g[n]
             if cfg.momentum:
                 buf = cfg.momentum * bufs[n] + d
@@ -269,16 +283,3 @@ class CohortTrainer:
         ]
         return out, stats
 
-
-def train_cohort(
-    model: nn.Module,
-    starts: Sequence[Tensors],
-    datas: Sequence[ClientData],
-    seeds: Sequence[int],
-    trainer: LocalTrainer,
-    rnd: int,
-) -> tuple[list[Tensors], list[TrainStats]]:
-    """Train every parameter of ``model``, one copy per client from ``starts[i]`` (a state
-    dict of at least the parameters): :meth:`CohortTrainer.train` with nothing shared."""
-    names = [n for n, _ in model.named_parameters()]
-    return CohortTrainer(model, trainer.cfg).train([{n: s[n] for n in names} for s in starts], {}, datas, seeds, trainer, rnd)
