@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _jobs import Jobs, diverged, fallback, standing  # noqa: E402
 from _report import HERE, write_result  # noqa: E402
 
-from rankfed.config import tomllib  # noqa: E402
+from rankfed.app.config import tomllib  # noqa: E402
 
 ROOT = HERE.parent
 CONFIG = ROOT / "configs" / "fedloru_fmnist.toml"
@@ -190,7 +190,7 @@ def report(args) -> None:
     # a job that diverged at its tuned lr is represented by its rerun at a lower lr
     resolved = {key: standing(folder, _main_sets(key[0], lrs[key[0]], key[1], key[2], args.rounds)) for key, folder in jobs.items()}
     want = {key: r[0] for key, r in resolved.items()}
-    mark = {key: (f"†" if r[2] else "") for key, r in resolved.items()}
+    mark = {key: ("†" if r[2] else "") for key, r in resolved.items()}
     summ = {key: json.loads((out / "summary.json").read_text()) for key, out in want.items()}
 
     # Table 2: scaling.

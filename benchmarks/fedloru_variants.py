@@ -95,7 +95,7 @@ def _jobs_table3(args):
     out = {}
     for alpha in (0.1, 0.5):
         for m, (family, sets) in PERSONAL.items():
-            local = {"client.local_epochs": 4, "algorithm.personal_epochs": 1}
+            local = {"client.epochs": 4, "algorithm.personal_epochs": 1}
             out[(m, alpha)] = (
                 RUNS / "table3" / f"{m.replace('(', '').replace(')', '')}-dir{alpha}-r{args.rounds}",
                 {**sets, **local, "client.lr": tuned_lr(family), "task.partition": "dirichlet", "task.alpha": alpha, "task.holdout": 0.2, "federation.rounds": args.rounds},

@@ -26,9 +26,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import write_result  # noqa: E402
 
-from rankfed.config import load_config  # noqa: E402
-from rankfed.flower import run_flower  # noqa: E402
-from rankfed.runner import run_experiment  # noqa: E402
+from rankfed.app.config import load_config  # noqa: E402
+from rankfed.app.flower import run_flower  # noqa: E402
+from rankfed.app.experiment import run_experiment  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -42,7 +42,7 @@ BASE = [
     "federation.participation=0.5",
     "federation.seed=0",
     "client.lr=0.05",
-    "client.local_epochs=1",
+    "client.epochs=1",
     "client.batch_size=32",
 ]
 ALGORITHMS = {

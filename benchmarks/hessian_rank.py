@@ -25,9 +25,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import write_result  # noqa: E402
 
-from rankfed.analysis import analyze_gradient_similarity, analyze_stable_rank, summarize_stable_rank  # noqa: E402
-from rankfed.config import load_config  # noqa: E402
-from rankfed.runner import run_experiment  # noqa: E402
+from rankfed.app.analyze import analyze_gradient_similarity, analyze_stable_rank, summarize_stable_rank  # noqa: E402
+from rankfed.app.config import load_config  # noqa: E402
+from rankfed.app.experiment import run_experiment  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

@@ -38,10 +38,10 @@ METHODS = {"FedLoRA": "fedlora", "FedLoRU": "fedloru"}
 
 def pretrain(args) -> dict:
     """Train the transformer centrally on windows of the roles that are not clients."""
-    from rankfed.config import load_config
+    from rankfed.app.config import load_config
     from rankfed.data import load_dataset
     from rankfed.models import build_model
-    from rankfed.sim.simulator import evaluate
+    from rankfed.local import ClientData, Task
 
     cfg = load_config(CONFIG)
     path = ROOT / cfg.task.data_dir
@@ -66,7 +66,8 @@ def pretrain(args) -> dict:
             loss.backward()
             opt.step()
     wall = time.perf_counter() - t0
-    acc, test_loss = evaluate(model, clients.test_x, clients.test_y, 1024)
+    result = Task().evaluate(model, ClientData(clients.test_x, clients.test_y).batches(1024))
+    acc, test_loss = result["accuracy"], result["loss"]
     RUNS.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), WEIGHTS)
     info = {"windows": len(y), "roles": len(set(full.groups[pick].tolist())), "epochs": args.pretrain_epochs, "lr": args.pretrain_lr, "wall_s": wall, "client_test_loss": test_loss, "client_test_accuracy": acc}

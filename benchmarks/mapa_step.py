@@ -41,11 +41,11 @@ def measure(model_name: str, algo: str, steps: int, device: str, repeats: int) -
     import torch
 
     from rankfed.algorithms import get_algorithm
-    from rankfed.algorithms.base import ClientContext, RunContext, float_state
-    from rankfed.config import ClientConfig
+    from rankfed.protocol import ClientContext, RunContext, float_state
+    from rankfed.local import LocalTraining
     from rankfed.data import ClientData
     from rankfed.models import build_model
-    from rankfed.sim.trainer import LocalTrainer
+    from rankfed.local import LocalTrainer
 
     case = CASES[model_name]
     dev = torch.device(device)
@@ -55,8 +55,8 @@ def measure(model_name: str, algo: str, steps: int, device: str, repeats: int) -
     x = torch.randn(n, *case["shape"], device=dev)
     y = torch.randint(0, 10, (n,), device=dev)
     data = ClientData(x=x, y=y, val_x=x[:0], val_y=y[:0])
-    cfg = ClientConfig(lr=0.01, momentum=0.9, batch_size=32, local_steps=steps)
-    ctx = RunContext(num_clients=1, rounds=1, seed=0, client=cfg, device=dev)
+    cfg = LocalTraining(lr=0.01, momentum=0.9, batch_size=32, steps=steps)
+    ctx = RunContext(num_clients=1, rounds=1, seed=0, local=cfg, device=dev)
     options = {"k": case["k"]} if algo == "mapa" else {}
     client = get_algorithm(algo, options).make_client(model, ctx)
     payload = {"@round": 1, "@seed": 1, **{k: v.detach().clone() for k, v in float_state(model).items()}}

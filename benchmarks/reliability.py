@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from _report import write_result  # noqa: E402
 
-from rankfed.config import load_config, to_toml  # noqa: E402
-from rankfed.runner import build_experiment, run_experiment  # noqa: E402
+from rankfed.app.config import load_config, to_toml  # noqa: E402
+from rankfed.app.experiment import build_experiment, run_experiment  # noqa: E402
 
 from test_validate import ALGORITHMS, BASE, FAULTS  # noqa: E402  (the same faults the tests inject)
 

@@ -141,8 +141,8 @@ def child_run(spec: dict) -> dict:
     import torch
 
     import rankfed  # noqa: F401
-    from rankfed.config import load_config
-    from rankfed.runner import build_experiment
+    from rankfed.app.config import load_config
+    from rankfed.app.experiment import build_experiment
 
     torch.set_num_threads(spec["threads"])
     out: dict = {"rss_import_mib": rss_mib()}
@@ -197,7 +197,7 @@ def overrides_for(model: str, setup: str, clients: int, args) -> list[str]:
         "federation.seed=0",
         "client.lr=0.05",
         "client.batch_size=32",
-        "client.local_epochs=1",
+        "client.epochs=1",
         *algo,
     ]
     if model == "cnn2":

@@ -28,10 +28,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import write_result  # noqa: E402
 
-from rankfed.config import parse_config  # noqa: E402
-from rankfed.runner import build_experiment  # noqa: E402
-from rankfed.sim.simulator import sample_clients  # noqa: E402
-from rankfed.algorithms.base import client_seed  # noqa: E402
+from rankfed.app.config import parse_config  # noqa: E402
+from rankfed.app.experiment import build_experiment  # noqa: E402
+from rankfed.server import sample_clients  # noqa: E402
+from rankfed.protocol import derive_seed  # noqa: E402
 
 
 def bare_round(model, global_state, clients, ids, cfg, seed, rnd):
@@ -43,11 +43,11 @@ def bare_round(model, global_state, clients, ids, cfg, seed, rnd):
         data = clients[cid]
         model.load_state_dict(global_state)
         opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        s = client_seed(seed, rnd, cid)
+        s = derive_seed(seed, rnd, cid, 0x5EED)  # the client's seed, as rankfed derives it
         gen = torch.Generator().manual_seed(s)
         torch.manual_seed(s)
         n = data.num_samples
-        for _ in range(cfg.local_epochs):
+        for _ in range(cfg.epochs):
             perm = torch.randperm(n, generator=gen)
             for start in range(0, n, bs):
                 idx = perm[start : start + bs]
@@ -75,7 +75,7 @@ def main() -> None:
         {
             "task": {"dataset": args.dataset, "partition": "shards", "classes_per_client": 2, "model": model, "holdout": 0.0},
             "federation": {"clients": args.clients, "participation": args.participation, "rounds": args.rounds, "seed": 0, "eval_every": 10**6},
-            "client": {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "batch_size": 32, "local_epochs": 1},
+            "client": {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "batch_size": 32, "epochs": 1},
             "algorithm": {"name": "fedavg"},
         }
     )

@@ -4,7 +4,7 @@ and torch.compile'd), Flower's simulation engine and pfl-research, on one task i
 The task: FedAvg on Fashion-MNIST (all 60,000 images over 100 IID clients, about 540 training
 samples each after the 10% holdout), cnn2, 1 local epoch, batch 32, SGD momentum 0.9, a fixed
 number of rounds, 10% and 100% participation. Every engine gets the same client tensors and the
-same initial model (from ``rankfed.runner.build_experiment``).
+same initial model (from ``rankfed.app.experiment.build_experiment``).
 
 In-process engines run round by round alternately (so drift in the machine's speed hits all of
 them); reported: median seconds per round over rounds 2..R (training and communication,
@@ -39,10 +39,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import write_result  # noqa: E402
 
-from rankfed.config import load_config  # noqa: E402
+from rankfed.app.config import load_config  # noqa: E402
 from rankfed.data import ClientData  # noqa: E402
-from rankfed.runner import build_experiment  # noqa: E402
-from rankfed.sim.simulator import sample_clients  # noqa: E402
+from rankfed.app.experiment import build_experiment  # noqa: E402
+from rankfed.server import sample_clients  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINES = {"flower-sim": ("flower_sim.py", ".bench-venvs/flowersim/bin/python"), "pfl": ("pfl_sim.py", ".bench-venvs/pfl/bin/python")}

@@ -14,12 +14,12 @@ import pytest
 import torch
 from torch import nn
 
-from rankfed.analysis import analyze_gradient_similarity, analyze_stable_rank, find_checkpoints
+from rankfed.app.analyze import analyze_gradient_similarity, analyze_stable_rank, find_checkpoints
 from rankfed.analysis.hessian import HessianOperator, hutchinson_frobenius_sq, lanczos_extremes, model_hessian, stable_rank
 from rankfed.analysis.similarity import gradient_similarity, low_rank, mean_pairwise_cosine
-from rankfed.config import load_config, to_toml
+from rankfed.app.config import load_config, to_toml
 from rankfed.data import ClientData
-from rankfed.runner import run_experiment
+from rankfed.app.experiment import run_experiment
 
 
 def _quadratic(d=60, seed=0):

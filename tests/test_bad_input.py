@@ -1,6 +1,6 @@
 """Bad input through the `rankfed` command: one clear line, exit code 2, no traceback.
 
-Every case runs ``rankfed.cli.main`` in-process on a small digits experiment and checks
+Every case runs ``rankfed.app.cli.main`` in-process on a small digits experiment and checks
 that it returns 2, that stderr is the single line ``rankfed: error: ...`` naming the bad
 key, value or file, and that nothing is written over an existing run folder.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rankfed.cli import main
+from rankfed.app.cli import main
 
 BASE = """\
 [task]
@@ -210,7 +210,7 @@ IMPOSSIBLE = [
     ("lr-negative", ["client.lr=-0.1"], ["client.lr = -0.1"]),
     ("lr-nan", ["client.lr=nan"], ["client.lr = nan"]),
     ("batch-size-0", ["client.batch_size=0"], ["client.batch_size = 0"]),
-    ("local-epochs-0", ["client.local_epochs=0"], ["client.local_epochs = 0"]),
+    ("local-epochs-0", ["client.epochs=0"], ["client.epochs = 0"]),
     ("topk-ratio-0", ["algorithm.compressor='topk'", "algorithm.topk_ratio=0"], ["topk_ratio = 0.0"]),
     ("topk-ratio-negative", ["algorithm.compressor='topk'", "algorithm.topk_ratio=-0.1"], ["topk_ratio = -0.1"]),
     ("topk-ratio-above-1", ["algorithm.compressor='topk'", "algorithm.topk_ratio=1.5"], ["topk_ratio = 1.5"]),

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from rankfed.cli import main
+from rankfed.app.cli import main
 
 CONFIG = """
 [task]
@@ -134,8 +134,8 @@ def test_console_script_runs_demo_config_subset(tmp_path):
 
 
 def test_same_config_same_seed_gives_identical_metrics(config, tmp_path):
-    from rankfed.config import load_config
-    from rankfed.runner import run_experiment
+    from rankfed.app.config import load_config
+    from rankfed.app.experiment import run_experiment
 
     def metrics(out, seed):
         cfg = load_config(config, [f"federation.seed={seed}", "federation.rounds=4"])

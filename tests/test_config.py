@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from rankfed.config import ConfigError, apply_overrides, load_config, parse_config, to_toml
-from rankfed.config import tomllib
+from rankfed.app.config import ConfigError, apply_overrides, load_config, parse_config, to_toml
+from rankfed.app.config import tomllib
 
 EXAMPLE = """
 [task]
@@ -141,8 +141,9 @@ def test_shipped_experiment_files_build_every_variant(path):
     # variant builds on the file's model (on stand-in data of the dataset's shape: no files read).
     import torch
 
+    from rankfed.app.experiment import build_experiment
     from rankfed.data import Dataset
-    from rankfed.runner import build_experiment
+    from rankfed.sim import Simulator
 
     cfg = load_config(path, ["federation.clients=4", 'task.init_weights=""'])
     shapes = {"fmnist": ((1, 28, 28), 10), "cifar10": ((3, 32, 32), 10), "digits": ((1, 8, 8), 10), "shakespeare": ((80,), 80)}
@@ -168,18 +169,18 @@ def test_shipped_experiment_files_build_every_variant(path):
     for label in [None, *cfg.algorithms]:
         variant = cfg if label is None else cfg.with_algorithm(label)
         exp = build_experiment(variant, dataset=ds)
-        exp.simulator()  # builds the server half and the client half on the model
+        Simulator(exp)  # builds the server half and the client half on the model
 
 
 def test_train_samples_takes_a_seeded_subset_of_the_training_split():
-    from rankfed.runner import build_experiment, load_task_data
+    from rankfed.app.experiment import build_experiment, load_task_data
 
     base = {"task": {"dataset": "digits", "holdout": 0.0}, "federation": {"clients": 5}}
     full = load_task_data(parse_config(base))
     cfg = parse_config({**base, "task": {**base["task"], "train_samples": 300}})
     exp = build_experiment(cfg)
     assert sum(len(c.y) for c in exp.clients) == 300
-    assert torch.equal(exp.dataset.test_y, full.test_y)  # the test split is untouched
+    assert torch.equal(exp.test.y, full.test_y)  # the test split is untouched
     # every kept sample is a training sample, and the same seed keeps the same ones
     rows = {tuple(x.flatten().tolist()) for x in full.train_x}
     kept = torch.cat([c.x for c in exp.clients])
@@ -196,7 +197,7 @@ def test_train_samples_takes_a_seeded_subset_of_the_training_split():
 
 def test_init_weights_starts_from_a_saved_state_dict(tmp_path):
     from rankfed.models import build_model
-    from rankfed.runner import build_experiment
+    from rankfed.app.experiment import build_experiment
 
     torch.manual_seed(7)
     saved = build_model("mlp", (1, 8, 8), 10)

@@ -55,7 +55,7 @@ def _grad_worker(rank, init_file, mode, out, steps):
             grads.append(record)
         torch.save(grads, os.path.join(out, f"{mode}-{rank}.pt"))
         dist.barrier()
-        del ddp  # the reducer before the group (see rankfed.ddp_run)
+        del ddp  # the reducer before the group (see rankfed.ddp.runner)
     finally:
         dist.destroy_process_group()
 
@@ -159,7 +159,7 @@ def _rankfed(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_rankfed_ddp_writes_a_run_folder_that_plot_reads(tmp_path):
-    from rankfed.cli import main
+    from rankfed.app.cli import main
 
     cfg = tmp_path / "exp.toml"
     cfg.write_text('[task]\ndataset = "digits"\nmodel = "mlp"\n[client]\nlr = 0.05\nmomentum = 0.9\nbatch_size = 32\n')

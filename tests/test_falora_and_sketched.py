@@ -4,11 +4,10 @@ import torch
 from torch import nn
 
 from rankfed.algorithms import get_algorithm
-from rankfed.algorithms.base import RunContext
-from rankfed.config import ClientConfig
+from rankfed.local import LocalTraining
 from rankfed.data import ClientData
 from rankfed.lowrank import lora_layers
-from rankfed.sim.simulator import Simulator, evaluate
+from conftest import evaluate, make_sim
 from rankfed.wire import encoded_size
 
 
@@ -28,8 +27,7 @@ def _model(seed=0):
 
 
 def _sim(algo, clients, test, cfg=None, kind="stateless", per_round=None, rounds=3):
-    ctx = RunContext(num_clients=len(clients), rounds=rounds, seed=0, client=cfg or ClientConfig(lr=0.1, batch_size=8))
-    return Simulator(algo, _model(), clients, test, ctx, clients_per_round=per_round or len(clients), client_kind=kind)
+    return make_sim(algo, _model(), clients, test, cfg or LocalTraining(lr=0.1, batch_size=8), rounds=rounds, per_round=per_round, kind=kind)
 
 
 def test_fa_lora_trains_and_sends_only_up_and_biases():

@@ -9,11 +9,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from rankfed.algorithms import get_algorithm
-from rankfed.algorithms.base import ClientContext, RunContext, float_state
-from rankfed.config import ClientConfig
+from rankfed.protocol import ClientContext, float_state
+from rankfed.local import LocalTraining
 from rankfed.data import ClientData
-from rankfed.sim.simulator import Simulator, sample_clients
-from rankfed.sim.trainer import LocalTrainer
+from rankfed.server import sample_clients
+from conftest import make_sim
+from rankfed.local import LocalTrainer
 from rankfed.wire import encode, encoded_size
 
 
@@ -36,13 +37,12 @@ def _model(dim=6, classes=3, seed=0):
 
 
 def _sim(clients, test, client_cfg, rounds=1, per_round=None, seed=0, model=None):
-    ctx = RunContext(num_clients=len(clients), rounds=rounds, seed=seed, client=client_cfg)
-    return Simulator(get_algorithm("fedavg"), model or _model(), clients, test, ctx, clients_per_round=per_round or len(clients))
+    return make_sim(get_algorithm("fedavg"), model or _model(), clients, test, client_cfg, rounds=rounds, per_round=per_round, seed=seed)
 
 
 def test_one_client_one_full_batch_step_equals_centralised_sgd():
     clients, test = _blobs(1, [40])
-    cfg = ClientConfig(optimizer="sgd", lr=0.3, momentum=0.9, weight_decay=1e-3, batch_size=40, local_epochs=1)
+    cfg = LocalTraining(optimizer="sgd", lr=0.3, momentum=0.9, weight_decay=1e-3, batch_size=40, epochs=1)
     model = _model()
     ref = copy.deepcopy(model)
     sim = _sim(clients, test, cfg, model=model)
@@ -58,7 +58,7 @@ def test_one_client_one_full_batch_step_equals_centralised_sgd():
 
 def test_server_state_is_sample_weighted_mean_of_client_models():
     clients, test = _blobs(3, [10, 30, 60])
-    cfg = ClientConfig(lr=0.1, batch_size=8, local_epochs=2)
+    cfg = LocalTraining(lr=0.1, batch_size=8, epochs=2)
     model = _model()
     sim = _sim(clients, test, cfg, model=model)
     start = {k: v.clone() for k, v in model.state_dict().items()}
@@ -84,7 +84,7 @@ def test_uplink_and_downlink_bytes_are_the_serialised_lengths():
     clients, test = _blobs(4, [20, 20, 20, 20])
     model = _model()
     d = sum(p.numel() for p in model.parameters())
-    sim = _sim(clients, test, ClientConfig(batch_size=10), per_round=2, model=model)
+    sim = _sim(clients, test, LocalTraining(batch_size=10), per_round=2, model=model)
     rec = sim.run_round(1)
     expected_up = encoded_size({"@num_samples": 0, "@train_loss": 0.0, **float_state(model)})
     expected_down = encoded_size({"@round": 1, **float_state(model)})
@@ -100,19 +100,19 @@ def test_bytes_are_measured_from_the_wire_not_computed(monkeypatch):
     import rankfed.sim.simulator as simmod
 
     clients, test = _blobs(2, [10, 10])
-    sim = _sim(clients, test, ClientConfig(batch_size=10))
+    sim = _sim(clients, test, LocalTraining(batch_size=10))
     base = sim.run_round(1).uplink_bytes
     monkeypatch.setattr(simmod, "encode", lambda p: encode(p) + b"")  # same bytes
-    sim2 = _sim(clients, test, ClientConfig(batch_size=10))
+    sim2 = _sim(clients, test, LocalTraining(batch_size=10))
     assert sim2.run_round(1).uplink_bytes == base
     monkeypatch.setattr(simmod, "encode", lambda p: encode({**p, "@pad": "x" * 100}))
-    sim3 = _sim(clients, test, ClientConfig(batch_size=10))
+    sim3 = _sim(clients, test, LocalTraining(batch_size=10))
     assert sim3.run_round(1).uplink_bytes == base + 2 * (2 + 4 + 1 + 4 + 100)
 
 
 def test_same_seed_same_metrics_different_seed_different():
     clients, test = _blobs(6, [15] * 6)
-    cfg = ClientConfig(lr=0.1, momentum=0.5, batch_size=4)
+    cfg = LocalTraining(lr=0.1, momentum=0.5, batch_size=4)
 
     def run(seed):
         sim = _sim(clients, test, cfg, rounds=4, per_round=3, seed=seed, model=_model(seed=seed))
@@ -135,18 +135,18 @@ def test_sampling_is_seeded_sized_and_varies_by_round():
 
 
 def test_cosine_schedule_and_step_counts():
-    t = LocalTrainer(ClientConfig(lr=1.0, lr_schedule="cosine", lr_min=0.1), total_rounds=11)
+    t = LocalTrainer(LocalTraining(lr=1.0, lr_schedule="cosine", lr_min=0.1), total_rounds=11)
     assert t.lr_at(1) == pytest.approx(1.0)
     assert t.lr_at(6) == pytest.approx(0.55)
     assert t.lr_at(11) == pytest.approx(0.1)
-    assert LocalTrainer(ClientConfig(lr=0.3), 10).lr_at(7) == 0.3
-    t = LocalTrainer(ClientConfig(batch_size=32, local_epochs=2), 1)
+    assert LocalTrainer(LocalTraining(lr=0.3), 10).lr_at(7) == 0.3
+    t = LocalTrainer(LocalTraining(batch_size=32, epochs=2), 1)
     assert t.num_steps(600) == 2 * math.ceil(600 / 32)
-    assert LocalTrainer(ClientConfig(local_steps=5), 1).num_steps(600) == 5
+    assert LocalTrainer(LocalTraining(steps=5), 1).num_steps(600) == 5
 
 
 def test_local_steps_visit_every_sample_once_per_epoch():
-    t = LocalTrainer(ClientConfig(batch_size=7, local_epochs=3), 1)
+    t = LocalTrainer(LocalTraining(batch_size=7, epochs=3), 1)
     batches = list(t.batches(20, torch.Generator().manual_seed(0), torch.device("cpu")))
     assert [len(b) for b in batches] == [7, 7, 6] * 3
     for e in range(3):
@@ -155,7 +155,7 @@ def test_local_steps_visit_every_sample_once_per_epoch():
 
 def test_adamw_client_trains_and_lowers_loss():
     clients, test = _blobs(2, [64, 64])
-    cfg = ClientConfig(optimizer="adamw", lr=0.01, weight_decay=0.01, batch_size=16, local_epochs=3)
+    cfg = LocalTraining(optimizer="adamw", lr=0.01, weight_decay=0.01, batch_size=16, epochs=3)
     sim = _sim(clients, test, cfg, rounds=5)
     hist = sim.run()
     assert hist[-1].train_loss < hist[0].train_loss

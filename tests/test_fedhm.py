@@ -4,11 +4,10 @@ import torch
 from torch import nn
 
 from rankfed.algorithms import get_algorithm
-from rankfed.algorithms.base import RunContext
 from rankfed.algorithms.fedhm import factor_ranks, svd_factors
-from rankfed.config import ClientConfig
+from rankfed.local import LocalTraining
 from rankfed.data import ClientData
-from rankfed.sim.simulator import Simulator
+from conftest import make_sim
 from rankfed.wire import encoded_size
 
 
@@ -24,8 +23,7 @@ def _sim(opts, per_round=3):
         x = torch.randn(n, 2, 8, 8, generator=g)
         clients.append(ClientData(x=x, y=torch.randint(0, 3, (n,), generator=g), val_x=x[:0], val_y=torch.zeros(0, dtype=torch.long)))
     test = (torch.randn(20, 2, 8, 8, generator=g), torch.randint(0, 3, (20,), generator=g))
-    ctx = RunContext(num_clients=3, rounds=2, seed=0, client=ClientConfig(lr=0.05, batch_size=8))
-    return Simulator(get_algorithm("fedhm", opts), _model(), clients, test, ctx, clients_per_round=per_round), clients
+    return make_sim(get_algorithm("fedhm", opts), _model(), clients, test, LocalTraining(lr=0.05, batch_size=8), rounds=2, per_round=per_round), clients
 
 
 def test_factorise_then_recover_at_full_rank_is_the_identity():
@@ -42,10 +40,10 @@ def test_factorise_then_recover_at_full_rank_is_the_identity():
 
 
 def test_ranks_follow_rank_factor_and_patterns():
-    assert factor_ranks(_model(), get_algorithm("fedhm", {"rank_factor": 4, "patterns": ["0", "2"]}).options) == {"0": 2, "2": 2}
-    assert factor_ranks(_model(), get_algorithm("fedhm", {"rank_factor": 1, "patterns": ["*"]}).options) == {"0": 8, "2": 8, "5": 3}
+    assert factor_ranks(_model(), get_algorithm("fedhm", {"rank_factor": 4, "patterns": ["0", "2"]})) == {"0": 2, "2": 2}
+    assert factor_ranks(_model(), get_algorithm("fedhm", {"rank_factor": 1, "patterns": ["*"]})) == {"0": 8, "2": 8, "5": 3}
     # a fixed rank for every layer, capped at each layer's full rank (the Linear "5" has 3 outputs)
-    assert factor_ranks(_model(), get_algorithm("fedhm", {"rank": 5, "patterns": ["*"]}).options) == {"0": 5, "2": 5, "5": 3}
+    assert factor_ranks(_model(), get_algorithm("fedhm", {"rank": 5, "patterns": ["*"]})) == {"0": 5, "2": 5, "5": 3}
 
 
 def test_server_averages_the_recovered_full_kernels(monkeypatch):

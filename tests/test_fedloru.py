@@ -4,12 +4,12 @@ import torch
 from torch import nn
 
 from rankfed.algorithms import get_algorithm
-from rankfed.algorithms.base import ClientContext, RunContext
-from rankfed.config import ClientConfig
+from rankfed.protocol import ClientContext
+from rankfed.local import LocalTraining
 from rankfed.data import ClientData
 from rankfed.lowrank import lora_layers
-from rankfed.sim.simulator import Simulator
-from rankfed.sim.trainer import LocalTrainer
+from conftest import make_sim
+from rankfed.local import LocalTrainer
 
 
 def _data(n_clients=3, seed=0):
@@ -29,8 +29,7 @@ def _model(seed=0):
 
 def _sim(algo, kind, rounds=4, per_round=None, cfg=None):
     clients, test = _data()
-    ctx = RunContext(num_clients=len(clients), rounds=rounds, seed=0, client=cfg or ClientConfig(lr=0.1, momentum=0.5, batch_size=8))
-    return Simulator(algo, _model(), clients, test, ctx, clients_per_round=per_round or len(clients), client_kind=kind)
+    return make_sim(algo, _model(), clients, test, cfg or LocalTraining(lr=0.1, momentum=0.5, batch_size=8), rounds=rounds, per_round=per_round, kind=kind)
 
 
 def test_server_averages_a_and_b_separately_as_by_hand():
@@ -39,7 +38,7 @@ def test_server_averages_a_and_b_separately_as_by_hand():
     sim.run_round(1)
     clients, _ = _data()
     algo = get_algorithm("fedloru", {"rank": 2, "tau": 5, "patterns": ["0", "2"]})
-    trainer = LocalTrainer(sim.ctx.client, sim.ctx.rounds, 0)
+    trainer = LocalTrainer(sim.ctx.local, sim.ctx.rounds, 0)
     locals_, sizes = [], []
     for cid, data in enumerate(clients):
         client = algo.make_client(_model(), sim.ctx)
@@ -100,8 +99,8 @@ def test_fedlora_is_fedloru_without_merges():
 
 
 def test_fedloru_learns_digits_end_to_end(tmp_path):
-    from rankfed.config import parse_config
-    from rankfed.runner import run_experiment
+    from rankfed.app.config import parse_config
+    from rankfed.app.experiment import run_experiment
 
     cfg = parse_config(
         {
@@ -120,13 +119,14 @@ def test_resnet18_trainable_parameters_match_paper_table1():
     # the default exclude) communicates 4.59M / 3.44M / 2.30M parameters on CIFAR-10 and
     # 4.63M / 3.49M / 2.35M on CIFAR-100; ranks 128 / 96 / 64 give exactly those (to the
     # paper's two decimals), the full model being 11.17M / 11.22M.
-    from rankfed.algorithms.lora import FedLoruOptions, build_lora_model
+    from rankfed.algorithms import FedLoRU
+    from rankfed.algorithms.lora import build_lora_model
     from rankfed.models import build_model, count_parameters
 
     for classes, expected in ((10, [4.59, 3.44, 2.30]), (100, [4.63, 3.49, 2.35])):
         model = build_model("resnet18", (3, 32, 32), classes)
         assert round(count_parameters(model) / 1e6, 2) == {10: 11.17, 100: 11.22}[classes]
         for rank, millions in zip((128, 96, 64), expected):
-            wrapped = build_lora_model(model, FedLoruOptions(rank=rank, alpha=16.0), run_seed=0, freeze_down=False)
+            wrapped = build_lora_model(model, FedLoRU(rank=rank, alpha=16.0), run_seed=0, freeze_down=False)
             assert "conv1" not in lora_layers(wrapped) and len(lora_layers(wrapped)) == 19
             assert round(count_parameters(wrapped, trainable_only=True) / 1e6, 2) == millions, (classes, rank)

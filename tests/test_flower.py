@@ -18,12 +18,12 @@ import torch
 
 pytest.importorskip("flwr")
 
-from rankfed.config import load_config, parse_config, to_toml, tomllib  # noqa: E402
-from rankfed.flower import run_flower  # noqa: E402
+from rankfed.app.config import load_config, parse_config, to_toml, tomllib  # noqa: E402
+from rankfed.app.flower import run_flower  # noqa: E402
 from rankfed.flower.deploy import LocalDeployment, _descendants, _free_port, _stop, _wait_port, flower_env  # noqa: E402
 from rankfed.flower.records import message_wire_bytes, payload_to_records, records_to_payload  # noqa: E402
 from rankfed.flower.strategy import hosted_clients  # noqa: E402
-from rankfed.runner import run_experiment  # noqa: E402
+from rankfed.app.experiment import run_experiment  # noqa: E402
 from rankfed.wire import WireError, encode  # noqa: E402
 
 TINY = """
@@ -141,12 +141,13 @@ def test_flower_section_is_checked():
 def test_a_supernode_that_missed_a_broadcast_refuses_to_train_on_its_stale_replica(tmp_path):
     from flwr.app import Context, RecordDict
 
-    from rankfed.flower.apps import _Node, _replica
-    from rankfed.runner import build_experiment
+    from rankfed.app.experiment import build_experiment
+    from rankfed.app.flower import _factory
+    from rankfed.flower.apps import Node, _replica
 
     _, cfg = _cfg(tmp_path, ALGORITHMS["mapa"])
     context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(), run_config={"experiment": to_toml(cfg)})
-    node = _Node(context)
+    node = Node(context, *_factory(context))
     assert node.kind == "stateful" and node.clients == [0, 2]
     exp = build_experiment(cfg)
     server = exp.algorithm.make_server(exp.model, exp.ctx)
@@ -289,7 +290,7 @@ def test_flower_app_is_a_valid_flower_app(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "rankfed", "flower", "app", str(tmp_path / "app")], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     config, warnings = load_and_validate(tmp_path / "app" / "pyproject.toml")
-    assert config is not None and config["tool"]["flwr"]["app"]["components"]["serverapp"] == "rankfed.flower.apps:server_app"
+    assert config is not None and config["tool"]["flwr"]["app"]["components"]["serverapp"] == "rankfed.app.flower:server_app"
     # the experiment travels as the run config's text and reads back equal
     cfg = load_config(None, ["algorithm.name=mapa"])
     assert parse_config(tomllib.loads(to_toml(cfg))) == cfg
@@ -351,3 +352,68 @@ def test_tls_federation_with_supernode_authentication(tmp_path):
         assert s["status"] == "completed" and s["supernodes"] == 2 and s["failed_client_rounds"] == 0
     finally:
         _stop(procs)
+
+
+# -- your own model and data: an experiment file naming user code, and a Python factory ------------
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+# examples/own_model.py's model, data and loss as a Flower App of your own: a factory, no experiment file
+FACTORY_APP = '''
+import torch
+
+import rankfed as rf
+from rankfed.flower import client_app, server_app
+from own_model import TinyResNet, load_clients, smooth_ce
+
+
+def make(context=None):
+    clients, test = load_clients("digits", num_clients=3, samples=300)
+    return rf.Federation(TinyResNet, clients, test, algorithm=rf.FedLoRU(rank=4, tau=1, patterns=["layer*conv*"]), loss=smooth_ce,
+                         local=rf.LocalTraining(optimizer=torch.optim.Adam, lr=3e-3, batch_size=32), seed=5)
+
+
+server = server_app(make, rounds=2, clients_per_round=2)
+client = client_app(make, rounds=2, clients_per_round=2)
+'''
+
+
+@pytest.mark.slow
+def test_a_python_factory_runs_your_model_on_flower_as_the_simulator_does(deployment, tmp_path):
+    from rankfed.flower import submit, write_app
+
+    app = tmp_path / "app"
+    app.mkdir()
+    shutil.copy(EXAMPLES / "own_model.py", app / "own_model.py")
+    (app / "userapp.py").write_text(FACTORY_APP, encoding="utf-8")
+    write_app(app, "userapp:server", "userapp:client", name="userapp")
+    fl = submit(app, tmp_path / "fl", deployment.address, insecure=True, timeout=240)
+    assert fl["status"] == "completed", fl.get("error")
+    sys.path.insert(0, str(app))
+    try:
+        import userapp
+
+        sim = userapp.make().run(rounds=2, clients_per_round=2, out=tmp_path / "sim")
+    finally:
+        sys.path.remove(str(app))
+    a, b = torch.load(tmp_path / "fl" / "model.pt"), torch.load(tmp_path / "sim" / "model.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    for key in ("total_uplink_bytes", "total_downlink_bytes", "final_accuracy", "uploads", "loss"):
+        assert fl[key] == sim.summary[key], key
+
+
+@pytest.mark.slow
+def test_the_examples_experiment_file_naming_user_code_runs_on_flower(deployment, tmp_path):
+    """examples/own_model.toml names the example's model, data and loss by import path."""
+    sets = ["federation.rounds=2", "federation.clients=3", "task.dataset_options={data='digits',samples=300}", "algorithm.name=mapa", "algorithm.k=256"]
+    cfg = load_config(EXAMPLES / "own_model.toml", sets)
+    sim = run_experiment(cfg, tmp_path / "sim")
+    fl = run_flower(cfg, tmp_path / "fl", superlink=deployment.address, insecure=True, timeout=240)
+    assert fl["status"] == "completed", fl.get("error")
+    assert fl["model"] == "own_model:TinyResNet" and fl["dataset"] == "own_model:load_clients" and fl["loss"] == "own_model:smooth_ce"
+    a, b = torch.load(tmp_path / "fl" / "model.pt"), torch.load(tmp_path / "sim" / "model.pt")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert fl["total_uplink_bytes"] == sim["total_uplink_bytes"] and fl["final_accuracy"] == sim["final_accuracy"]

@@ -5,11 +5,11 @@ import torch
 from torch import nn
 
 from rankfed.algorithms import get_algorithm
-from rankfed.algorithms.base import RunContext
 from rankfed.algorithms.hetero import tier_of_clients
-from rankfed.config import ClientConfig, ConfigError
+from rankfed.errors import ConfigError
+from rankfed.local import LocalTraining
 from rankfed.data import ClientData
-from rankfed.sim.simulator import Simulator
+from conftest import make_sim
 
 
 def _data(n_clients=4, seed=0):
@@ -28,8 +28,7 @@ def _model(seed=0):
 
 def _sim(algo, kind="stateful", rounds=4, per_round=4):
     clients, test = _data()
-    ctx = RunContext(num_clients=len(clients), rounds=rounds, seed=0, client=ClientConfig(lr=0.1, momentum=0.5, batch_size=8))
-    return Simulator(algo, _model(), clients, test, ctx, clients_per_round=per_round, client_kind=kind)
+    return make_sim(algo, _model(), clients, test, LocalTraining(lr=0.1, momentum=0.5, batch_size=8), rounds=rounds, per_round=per_round, kind=kind)
 
 
 BASE = {"rank": 4, "alpha": 8.0, "patterns": ["0", "2", "5"]}
@@ -99,8 +98,8 @@ def test_clients_that_opt_out_are_fedloru():
 
 
 def test_summary_reports_uplink_bytes_per_tier(tmp_path):
-    from rankfed.config import parse_config
-    from rankfed.runner import run_experiment
+    from rankfed.app.config import parse_config
+    from rankfed.app.experiment import run_experiment
 
     cfg = parse_config(
         {

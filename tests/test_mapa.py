@@ -8,11 +8,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from rankfed.algorithms import get_algorithm
-from rankfed.algorithms.base import RunContext
 from rankfed.algorithms.mapa import FlatLayout, expand, reconstruction_vector, round_seed
-from rankfed.config import ClientConfig, ConfigError
+from rankfed.errors import ConfigError
+from rankfed.local import LocalTraining
 from rankfed.data import ClientData
-from rankfed.sim.simulator import Simulator
+from conftest import make_sim
 from rankfed.wire import encoded_size
 
 
@@ -32,8 +32,7 @@ def _model(seed=0, dim=5, classes=3):
 
 
 def _sim(algo, clients, test, cfg, kind, rounds=3, per_round=None, model=None):
-    ctx = RunContext(num_clients=len(clients), rounds=rounds, seed=0, client=cfg)
-    return Simulator(algo, model or _model(), clients, test, ctx, clients_per_round=per_round or len(clients), client_kind=kind)
+    return make_sim(algo, model or _model(), clients, test, cfg, rounds=rounds, per_round=per_round, kind=kind)
 
 
 def _state(sim):
@@ -58,7 +57,7 @@ def test_reconstruction_vector_is_a_function_of_the_seed():
 def test_k_equal_d_with_a_of_ones_is_fedavg():
     """A = 1 and m = 1: the model is W + B, so B trains exactly as the weights do."""
     clients, test = _data()
-    cfg = ClientConfig(lr=0.2, momentum=0.9, batch_size=8, local_epochs=2)
+    cfg = LocalTraining(lr=0.2, momentum=0.9, batch_size=8, epochs=2)
     d = FlatLayout(_model()).d
     mapa = _sim(get_algorithm("mapa", {"k": d, "a_dist": "ones"}), clients, test, cfg, "stateless")
     fedavg = _sim(get_algorithm("fedavg"), clients, test, cfg, "stateless")
@@ -73,7 +72,7 @@ def test_k_equal_d_with_a_of_ones_is_fedavg():
 def test_one_sgd_step_on_b_matches_autograd_through_the_factorisation(k):
     """The chain-rule shortcut (dL/dB = A^T G) equals differentiating L(W + vec(A B)) directly."""
     clients, test = _data(n_clients=1)
-    cfg = ClientConfig(lr=0.5, batch_size=24)  # one full-batch step of plain SGD
+    cfg = LocalTraining(lr=0.5, batch_size=24)  # one full-batch step of plain SGD
     model = _model()
     layout = FlatLayout(model)
     w0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
@@ -94,7 +93,7 @@ def test_one_sgd_step_on_b_matches_autograd_through_the_factorisation(k):
 
 def test_stateful_and_stateless_train_the_same_model_and_differ_only_in_bytes():
     clients, test = _data(n_clients=6)
-    cfg = ClientConfig(lr=0.3, momentum=0.5, batch_size=6)
+    cfg = LocalTraining(lr=0.3, momentum=0.5, batch_size=6)
     k = 8
     runs = {}
     for kind in ("stateful", "stateless"):
@@ -128,7 +127,7 @@ def test_stateful_and_stateless_train_the_same_model_and_differ_only_in_bytes():
 def test_uplink_is_k_numbers_plus_a_small_header():
     clients, test = _data()
     for k in (1, 16, 66):
-        sim = _sim(get_algorithm("mapa", {"k": k}), clients, test, ClientConfig(batch_size=8), "stateful")
+        sim = _sim(get_algorithm("mapa", {"k": k}), clients, test, LocalTraining(batch_size=8), "stateful")
         rec = sim.run_round(1)
         expected = encoded_size({"@num_samples": 0, "@train_loss": 0.0, "B": torch.zeros(k)})
         assert rec.uplink_bytes_per_client == [expected] * 3
@@ -143,7 +142,7 @@ def test_frozen_a_keeps_one_subspace():
     model = _model()
     layout = FlatLayout(model)
     w0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    sim = _sim(get_algorithm("mapa", {"k": k, "fresh_a": False}), clients, test, ClientConfig(lr=0.1, batch_size=8), "stateful", rounds=3, model=model)
+    sim = _sim(get_algorithm("mapa", {"k": k, "fresh_a": False}), clients, test, LocalTraining(lr=0.1, batch_size=8), "stateful", rounds=3, model=model)
     sim.run()
     w = torch.cat([sim.server.global_model_state()[n].reshape(-1) for n in layout.names])
     m = math.ceil(layout.d / k)
@@ -159,7 +158,7 @@ def test_frozen_a_keeps_one_subspace():
 def test_k_out_of_range_names_k_and_d():
     clients, test = _data()
     with pytest.raises(ConfigError, match=r"algorithm\.k = 67: must be between 1 and d = 66"):
-        _sim(get_algorithm("mapa", {"k": 67}), clients, test, ClientConfig(), "stateful")
+        _sim(get_algorithm("mapa", {"k": 67}), clients, test, LocalTraining(), "stateful")
     with pytest.raises(ConfigError, match=r"algorithm\.k = 0"):
         get_algorithm("mapa", {"k": 0})
 
@@ -167,7 +166,7 @@ def test_k_out_of_range_names_k_and_d():
 def test_mapa_followed_by_8_bit_quantisation_of_b():
     clients, test = _data()
     k = 40
-    sim = _sim(get_algorithm("mapa", {"k": k, "compressor": "qsgd", "qsgd_bits": 8}), clients, test, ClientConfig(lr=0.3, batch_size=8), "stateful", rounds=5)
+    sim = _sim(get_algorithm("mapa", {"k": k, "compressor": "qsgd", "qsgd_bits": 8}), clients, test, LocalTraining(lr=0.3, batch_size=8), "stateful", rounds=5)
     hist = sim.run()
     plain = encoded_size({"@num_samples": 0, "@train_loss": 0.0, "B": torch.zeros(k)})
     assert all(b < plain - 2 * k for r in hist for b in r.uplink_bytes_per_client)  # ~1 byte per entry instead of 4
@@ -175,8 +174,8 @@ def test_mapa_followed_by_8_bit_quantisation_of_b():
 
 
 def test_mapa_learns_digits_end_to_end(tmp_path):
-    from rankfed.config import parse_config
-    from rankfed.runner import run_experiment
+    from rankfed.app.config import parse_config
+    from rankfed.app.experiment import run_experiment
 
     cfg = parse_config(
         {

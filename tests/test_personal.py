@@ -5,11 +5,11 @@ import torch
 from torch import nn
 
 from rankfed.algorithms import get_algorithm
-from rankfed.algorithms.base import ClientContext, RunContext
-from rankfed.config import ClientConfig, ConfigError
+from rankfed.protocol import ClientContext
+from rankfed.errors import ConfigError
+from rankfed.local import LocalTraining
 from rankfed.data import ClientData
-from rankfed.sim.simulator import Simulator, evaluate
-from rankfed.sim.trainer import LocalTrainer
+from conftest import evaluate, make_sim
 from rankfed.wire import encode
 
 
@@ -31,8 +31,7 @@ def _model(seed=0):
 
 def _sim(algo, kind, rounds=4, per_round=2):
     clients, test = _data()
-    ctx = RunContext(num_clients=len(clients), rounds=rounds, seed=0, client=ClientConfig(lr=0.1, momentum=0.5, batch_size=8))
-    return Simulator(algo, _model(), clients, test, ctx, clients_per_round=per_round, client_kind=kind)
+    return make_sim(algo, _model(), clients, test, LocalTraining(lr=0.1, momentum=0.5, batch_size=8), rounds=rounds, per_round=per_round, kind=kind)
 
 
 PFEDLORU = {"rank": 2, "tau": 2, "patterns": ["0", "2"], "personal_rank": 2, "personal_epochs": 1}
@@ -132,8 +131,8 @@ def test_personal_accuracy_is_the_mean_of_each_clients_own_split():
 
 
 def test_pfedloru_personalises_on_label_skewed_clients(tmp_path):
-    from rankfed.config import parse_config
-    from rankfed.runner import run_experiment
+    from rankfed.app.config import parse_config
+    from rankfed.app.experiment import run_experiment
 
     cfg = parse_config(
         {

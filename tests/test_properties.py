@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from rankfed import wire
 from rankfed.algorithms import ALGORITHMS
-from rankfed.config import ClientConfig, ConfigError, FederationConfig, TaskConfig, parse_config, to_toml
+from rankfed.app.config import ClientConfig, ConfigError, FederationConfig, TaskConfig, parse_config, to_toml
 from rankfed.data import DATASETS, PARTITIONS
 from rankfed.models import MODELS
 from rankfed.wire import MAGIC, WireError, decode, encode, encoded_size
@@ -88,8 +88,8 @@ VALID = {
         "momentum": _floats(0, 1, open_hi=True),
         "weight_decay": _floats(0, 1e6),
         "betas": st.lists(_floats(0, 1, open_hi=True), min_size=2, max_size=2),
-        "local_epochs": _ints(1),
-        "local_steps": _ints(0),
+        "epochs": _ints(1),
+        "steps": _ints(0),
         "batch_size": _ints(1),
         "lr_schedule": st.sampled_from(("constant", "cosine")),
         "grad_clip": _floats(0, 1e6),
@@ -127,7 +127,7 @@ OUT_OF_RANGE = {
         "min_clients": _ints(I64_MIN, 0),
     },
     "client": {
-        "optimizer": _other_text(("sgd", "adamw")),
+        "optimizer": _other_text(("sgd", "adamw")).filter(lambda s: ":" not in s),  # ":" names code to import
         "lr": st.one_of(_floats(-1e300, 0), _nan_inf, st.integers(2**1024, 2**1100)),  # the last: beyond float range
         "momentum": st.one_of(_floats(-1e300, 0, open_hi=True), _floats(1, 1e300), _nan_inf),
         "weight_decay": st.one_of(_floats(-1e300, 0, open_hi=True), _nan_inf),
@@ -136,8 +136,8 @@ OUT_OF_RANGE = {
             st.lists(st.one_of(_floats(1, 1e300), _floats(-1e300, 0, open_hi=True), _nan_inf), min_size=2, max_size=2),
             st.lists(st.text(max_size=3), min_size=2, max_size=2),
         ),
-        "local_epochs": _ints(I64_MIN, 0),
-        "local_steps": _ints(I64_MIN, -1),
+        "epochs": _ints(I64_MIN, 0),
+        "steps": _ints(I64_MIN, -1),
         "batch_size": _ints(I64_MIN, 0),
         "lr_schedule": _other_text(("constant", "cosine")),
         "lr_min": st.one_of(_floats(-1e300, 0, open_hi=True), _nan_inf, st.just("above lr")),
@@ -161,7 +161,8 @@ def _wrong_type(field_type: str) -> st.SearchStrategy:
 
 
 FIELD_TYPES = {
-    name: {f.name: (f.type if isinstance(f.type, str) else f.type.__name__) for f in dataclasses.fields(cls)}
+    # an experiment file gives the optimizer (annotated Any: a class from Python) as a string
+    name: {f.name: {"Any": "str"}.get(t := (f.type if isinstance(f.type, str) else f.type.__name__), t) for f in dataclasses.fields(cls)}
     for name, cls in (("task", TaskConfig), ("federation", FederationConfig), ("client", ClientConfig))
 }
 

@@ -10,9 +10,10 @@ import time
 import pytest
 import torch
 
-from rankfed.cli import main
-from rankfed.config import load_config, to_toml
-from rankfed.runner import RESUME_FILE, run_experiment
+from rankfed.app.cli import main
+from rankfed.app.config import load_config, to_toml
+from rankfed.app.experiment import run_experiment
+from rankfed.server import RESUME_FILE
 
 BASE = ["task.model=mlp", "task.model_options={hidden=[24]}", "federation.clients=6", "federation.participation=0.5", "federation.rounds=25", "federation.eval_every=5", "federation.seed=4", "federation.resume_every=1"]
 # stateless and stateful clients, client state across rounds, merges, personal factors

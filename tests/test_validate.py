@@ -15,10 +15,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rankfed.algorithms.validate import aggregate_checked, check_upload
-from rankfed.config import load_config
-from rankfed.runner import build_experiment
-from rankfed.sim.simulator import Diverged
+from rankfed.server.validate import aggregate_checked, check_upload
+from rankfed.app.config import load_config
+from rankfed.app.experiment import build_experiment
+from rankfed.sim import Simulator
+from rankfed.errors import Diverged
 
 BASE = ["task.model=mlp", "task.model_options={hidden=[16]}", "federation.clients=4", "federation.participation=1.0", "federation.rounds=3", "federation.seed=1"]
 ALGORITHMS = {
@@ -40,7 +41,7 @@ ALGORITHMS = {
 
 
 def _sim(label):
-    return build_experiment(load_config(None, [*BASE, *ALGORITHMS[label]])).simulator()
+    return Simulator(build_experiment(load_config(None, [*BASE, *ALGORITHMS[label]])))
 
 
 def _first_tensor(p):
@@ -85,7 +86,7 @@ def test_each_fault_is_dropped_and_the_rest_aggregated(label):
 
 @pytest.mark.parametrize("label", ["fedavg", "mapa", "fedloru", "fedavg-stateful"])
 def test_too_few_valid_uploads_skip_the_round_and_keep_the_model(label):
-    sim = build_experiment(load_config(None, [*BASE, *ALGORITHMS[label], "federation.min_clients=3"])).simulator()
+    sim = Simulator(build_experiment(load_config(None, [*BASE, *ALGORITHMS[label], "federation.min_clients=3"])))
     before = {k: v.clone() for k, v in sim.server.global_model_state().items()}
     sim.tamper = lambda rnd, cid, p: {**p, "@num_samples": -1} if (rnd, cid) in ((1, 0), (1, 2)) else p
     rec = sim.run_round(1)
@@ -95,7 +96,7 @@ def test_too_few_valid_uploads_skip_the_round_and_keep_the_model(label):
     sim.tamper = None
     rec2 = sim.run_round(2)  # a stateful broadcast after a skipped round carries no stale update
     assert not rec2.skipped and rec2.rejected == {}
-    ref = build_experiment(load_config(None, [*BASE, *ALGORITHMS[label], "federation.min_clients=3"])).simulator()
+    ref = Simulator(build_experiment(load_config(None, [*BASE, *ALGORITHMS[label], "federation.min_clients=3"])))
     ref.tamper = lambda rnd, cid, p: None if rnd == 1 else p  # round 1 lost entirely
     ref.run_round(1)
     ref.run_round(2)
@@ -115,7 +116,7 @@ def test_check_upload_passes_an_honest_upload():
     seen = []
     sim.tamper = lambda rnd, cid, p: seen.append(p) or p
     sim.run_round(1)
-    assert seen and all(check_upload(p, sim.max_upload_bytes) is None for p in seen)
+    assert seen and all(check_upload(p, sim.rounds.max_upload_bytes) is None for p in seen)
 
 
 _FUZZ_SIMS = {}
@@ -165,7 +166,7 @@ def test_fuzzed_uploads_never_crash_the_server(label, edits, random_payload, rep
             p[f"extra{pick}"] = value
         elif op == "reshape" and isinstance(p.get(name), torch.Tensor) and p[name].numel() > 1:
             p[name] = p[name].reshape(-1)[1:]
-    res = aggregate_checked(sim.server, 2, uploads, max_bytes=sim.max_upload_bytes)
+    res = aggregate_checked(sim.server, 2, uploads, max_bytes=sim.rounds.max_upload_bytes)
     assert set(res.accepted) | set(res.rejected) <= {cid for cid, _ in uploads}
     assert not set(res.accepted) & set(res.rejected)
     state = res.server.global_model_state()

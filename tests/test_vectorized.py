@@ -7,16 +7,17 @@ sums in another order drift by about 1e-7 per step); byte counts and sampled cli
 import pytest
 import torch
 
-from rankfed.config import load_config
-from rankfed.runner import build_experiment, run_experiment
-from rankfed.sim.vectorized import CohortTrainer, cohort_supported
+from rankfed.app.config import load_config
+from rankfed.app.experiment import build_experiment, run_experiment
+from rankfed.local.cohort import CohortTrainer, cohort_supported
+from rankfed.sim import Simulator
 
 # unequal client sizes (Dirichlet): padded last batches and clients that finish early
 BASE = ["task.partition=dirichlet", "task.alpha=0.3", "task.model=cnn2", "federation.clients=8", "federation.participation=0.5", "federation.rounds=2", "client.batch_size=16"]
 SETTINGS = {
     "sgd-momentum": ["client.momentum=0.9"],
     "nesterov-wd-clip": ["client.momentum=0.9", "client.nesterov=true", "client.weight_decay=0.01", "client.grad_clip=0.5"],
-    "plain-sgd-cosine": ["client.lr_schedule=cosine", "client.local_epochs=2"],
+    "plain-sgd-cosine": ["client.lr_schedule=cosine", "client.epochs=2"],
     "topk-error-feedback": ["client.momentum=0.9", "algorithm.compressor=topk", "algorithm.topk_ratio=0.1", "algorithm.error_feedback=true"],
     "stateful": ["client.momentum=0.9", "federation.client_kind=stateful"],
     # MAPA: the cohort trains B through W + vec(A B); stateful (the paper's) and stateless clients
@@ -100,25 +101,25 @@ def test_unsupported_settings_fall_back_to_sequential_exactly(tmp_path, cohort_c
 
 
 def test_auto_execution_is_sequential_on_cpu():
-    sim = build_experiment(load_config(None, ["task.model=cnn2"])).simulator()
+    sim = Simulator(build_experiment(load_config(None, ["task.model=cnn2"])))
     assert sim.execution == "sequential"
-    sim = build_experiment(load_config(None, ["task.model=cnn2", "federation.execution='vectorized'"])).simulator()
+    sim = Simulator(build_experiment(load_config(None, ["task.model=cnn2", "federation.execution='vectorized'"])))
     assert sim.execution == "vectorized"
 
 
 def test_cohort_supported_names_the_reason():
     exp = build_experiment(load_config(None, ["task.model=cnn2"]))
-    assert cohort_supported(exp.model, exp.cfg.client) is None
+    assert cohort_supported(exp.model, exp.ctx.local) is None
     adam = load_config(None, ["client.optimizer=adamw"]).client
     assert "adamw" in cohort_supported(exp.model, adam)
     bn = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
-    assert cohort_supported(bn, exp.cfg.client) is None
-    assert "momentum=None" in cohort_supported(torch.nn.Sequential(torch.nn.BatchNorm1d(2, momentum=None)), exp.cfg.client)
+    assert cohort_supported(bn, exp.ctx.local) is None
+    assert "momentum=None" in cohort_supported(torch.nn.Sequential(torch.nn.BatchNorm1d(2, momentum=None)), exp.ctx.local)
     other = torch.nn.Linear(2, 2)
     other.register_buffer("scale", torch.ones(2))
-    assert "'scale'" in cohort_supported(other, exp.cfg.client)
+    assert "'scale'" in cohort_supported(other, exp.ctx.local)
     drop = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5))
-    assert "dropout" in cohort_supported(drop, exp.cfg.client)
+    assert "dropout" in cohort_supported(drop, exp.ctx.local)
     with pytest.raises(Exception, match="federation.execution"):
         load_config(None, ["federation.execution='parallel'"])
 
@@ -160,10 +161,10 @@ def test_client_threads_are_refused_for_dropout_and_bad_counts():
     with pytest.raises(Exception, match="federation.workers"):
         load_config(None, ["federation.workers=0"])
     exp = build_experiment(load_config(None, ["task.model=mlp", "federation.workers=2"]))
-    assert exp.simulator().workers == 2
+    assert Simulator(exp).workers == 2
     exp.model.add_module("drop", torch.nn.Dropout(0.5))
     with pytest.warns(UserWarning, match="dropout"):
-        assert exp.simulator().workers == 1
+        assert Simulator(exp).workers == 1
 
 
 # BatchNorm in a cohort: each client normalises with its real samples' statistics (padding left
@@ -177,11 +178,10 @@ def _bn_model():
 
 
 def _bn_simulator(algorithm: str, execution: str, **options):
+    from conftest import make_sim
+
     from rankfed.algorithms import get_algorithm
-    from rankfed.algorithms.base import RunContext
-    from rankfed.config import ClientConfig
-    from rankfed.data import ClientData
-    from rankfed.sim.simulator import Simulator
+    from rankfed.local import ClientData, LocalTraining
 
     g = torch.Generator().manual_seed(1)
     clients = []
@@ -189,9 +189,8 @@ def _bn_simulator(algorithm: str, execution: str, **options):
         x, y = torch.randn(n, 1, 4, 4, generator=g), torch.randint(0, 3, (n,), generator=g)
         clients.append(ClientData(x=x, y=y, val_x=x[:0], val_y=y[:0]))
     test = (torch.randn(30, 1, 4, 4, generator=g), torch.randint(0, 3, (30,), generator=g))
-    cfg = ClientConfig(optimizer="sgd", lr=0.1, momentum=0.9, batch_size=8, local_epochs=2)
-    ctx = RunContext(num_clients=3, rounds=2, seed=0, client=cfg)
-    return Simulator(get_algorithm(algorithm, options), _bn_model(), clients, test, ctx, clients_per_round=3, execution=execution)
+    cfg = LocalTraining(optimizer="sgd", lr=0.1, momentum=0.9, batch_size=8, epochs=2)
+    return make_sim(get_algorithm(algorithm, options), _bn_model(), clients, test, cfg, rounds=2, per_round=3, execution=execution)
 
 
 @pytest.mark.parametrize("algorithm,options", [("fedavg", {}), ("mapa", {"k": 16}), ("fedlora", {"rank": 2, "patterns": ["*"], "exclude": []})])

@@ -45,8 +45,8 @@ def experiment(participation: float = 0.1, rounds: int = 5):
     The split does not depend on participation or rounds (only on clients, seed, partition and
     holdout), so a worker may build it with the defaults and get the server's split.
     """
-    from rankfed.config import load_config
-    from rankfed.runner import build_experiment
+    from rankfed.app.config import load_config
+    from rankfed.app.experiment import build_experiment
 
     cfg = load_config(None, overrides(participation, rounds))
     return build_experiment(cfg)

@@ -144,7 +144,7 @@ def main() -> None:
         train_cohort_size=k,
         val_cohort_size=0,
     )
-    train_params = NNTrainHyperParams(local_num_epochs=cfg.client.local_epochs, local_learning_rate=cfg.client.lr, local_batch_size=cfg.client.batch_size)
+    train_params = NNTrainHyperParams(local_num_epochs=cfg.client.epochs, local_learning_rate=cfg.client.lr, local_batch_size=cfg.client.batch_size)
     eval_params = NNEvalHyperParams(local_batch_size=1024)
 
     watch = _task.Stopwatch()

@@ -2,7 +2,7 @@
 
 import sys
 
-from rankfed.cli import main
+from rankfed.app.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,4 +1,8 @@
-"""Plots of run folders: accuracy vs round, and accuracy vs cumulative bytes (log axis)."""
+"""Plots of run folders: accuracy vs round, and accuracy vs cumulative bytes (log axis).
+
+Runs without an accuracy (a regression, a loss of your own on other outputs) are drawn by
+their test loss instead (and the training loss when there is no test data).
+"""
 
 from __future__ import annotations
 
@@ -34,13 +38,11 @@ def read_metrics(run: Path) -> list[dict]:
 
 def _non_default(algorithm: str, options: dict) -> dict:
     """The options that differ from the algorithm's defaults (all of them if it is unknown)."""
-    import dataclasses
-
     from rankfed.algorithms import ALGORITHMS
 
     if algorithm not in ALGORITHMS:
         return options
-    defaults = dataclasses.asdict(ALGORITHMS[algorithm].Options())
+    defaults = ALGORITHMS[algorithm]().to_options()
     return {k: v for k, v in options.items() if defaults.get(k) != v}
 
 
@@ -54,6 +56,14 @@ def _label(run: Path) -> str:
     return run.name
 
 
+def _y_key(rows: list[dict]) -> str:
+    """What the plots draw: accuracy where the runs have one, else the test loss, else the training loss."""
+    for key in ("accuracy", "loss"):
+        if any(r.get(key) is not None for r in rows):
+            return key
+    return "train_loss"
+
+
 def plot_runs(runs: list[Path], out: str | os.PathLike, bytes_kind: str = "total", title: str | None = None) -> Path:
     """Write a PNG with two panels, one line per run."""
     if bytes_kind not in BYTES_KINDS:
@@ -64,12 +74,14 @@ def plot_runs(runs: list[Path], out: str | os.PathLike, bytes_kind: str = "total
     import matplotlib.pyplot as plt
 
     fig, (ax_r, ax_b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    all_rows = {run: read_metrics(run) for run in runs}
+    key = _y_key([r for rows in all_rows.values() for r in rows])
     for run in runs:
-        rows = read_metrics(run)
+        rows = [r for r in all_rows[run] if r.get(key) is not None]
         if not rows:
             continue
         rounds = [r["round"] for r in rows]
-        acc = [100 * r["accuracy"] for r in rows]
+        acc = [100 * r[key] if key == "accuracy" else r[key] for r in rows]
         if bytes_kind == "total":
             sent = [r["cum_uplink_bytes"] + r["cum_downlink_bytes"] for r in rows]
         else:
@@ -77,11 +89,12 @@ def plot_runs(runs: list[Path], out: str | os.PathLike, bytes_kind: str = "total
         label = _label(run)
         ax_r.plot(rounds, acc, label=label)
         ax_b.plot([s / 1e6 for s in sent], acc, label=label)
+    ylabel = {"accuracy": "test accuracy (%)", "loss": "test loss", "train_loss": "training loss"}[key]
     ax_r.set_xlabel("round")
-    ax_r.set_ylabel("test accuracy (%)")
+    ax_r.set_ylabel(ylabel)
     ax_b.set_xscale("log")
     ax_b.set_xlabel(f"cumulative {bytes_kind} MB (log)")
-    ax_b.set_ylabel("test accuracy (%)")
+    ax_b.set_ylabel(ylabel)
     for ax in (ax_r, ax_b):
         ax.grid(True, which="both", alpha=0.3)
     ax_r.legend(fontsize=8)

@@ -32,6 +32,8 @@ from typing import Union
 import numpy as np
 import torch
 
+from rankfed.errors import WireError
+
 __all__ = ["Payload", "Scalar", "WireError", "encode", "decode", "encoded_size", "tensor_bytes"]
 
 Scalar = Union[int, float, str, bool]
@@ -55,10 +57,6 @@ _DTYPES: tuple[torch.dtype, ...] = (
 )
 _DTYPE_CODE = {dt: i for i, dt in enumerate(_DTYPES)}
 _ITEMSIZE = {dt: torch.empty((), dtype=dt).element_size() for dt in _DTYPES}
-
-
-class WireError(ValueError):
-    """A payload cannot be encoded, or bytes are not a valid payload."""
 
 
 def _check_name(name: object) -> bytes:

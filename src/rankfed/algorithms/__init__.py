@@ -1,21 +1,40 @@
-"""Federated algorithms, each a server half and a client half (see :mod:`.base`)."""
+"""Federated algorithms: one class per algorithm, its fields the options (see :mod:`.base`).
 
-from rankfed.algorithms.base import (
-    ALGORITHMS,
-    Algorithm,
-    ClientContext,
-    ClientHalf,
-    RunContext,
-    ServerHalf,
-    register,
-)
-from rankfed.algorithms import fedavg, fedhm, hetero, lora, mapa, personal  # noqa: F401  (registers)
+=============  =============  ===================================================
+class          file name      what travels up
+=============  =============  ===================================================
+``FedAvg``     ``fedavg``     the update of the trainable tensors (or compressed)
+``MAPA``       ``mapa``       k numbers (B); A is rebuilt from the round's seed
+``FALoRA``     ``fa_lora``    the ``up`` factors (``down`` frozen at random)
+``FedLoRA``    ``fedlora``    both factors of every factorised layer
+``FedLoRU``    ``fedloru``    as FedLoRA, merged into the base every tau rounds
+``PFedLoRU``   ``pfedloru``   as FedLoRU; personal factors stay on the client
+``PFedLoRA``   ``pfedlora``   the model's update; personal factors stay
+``MFedLoRU``   ``mfedloru``   nested factors of each client tier's ranks
+``FedHM``      ``fedhm``      SVD factors the server hands out, trained
+=============  =============  ===================================================
+"""
 
-__all__ = ["ALGORITHMS", "Algorithm", "ClientContext", "ClientHalf", "RunContext", "ServerHalf", "register", "get_algorithm"]
+from rankfed.algorithms.base import ALGORITHMS, Algorithm, get_algorithm, register
+from rankfed.algorithms.fedavg import FedAvg
+from rankfed.algorithms.fedhm import FedHM
+from rankfed.algorithms.hetero import MFedLoRU
+from rankfed.algorithms.lora import FALoRA, FedLoRA, FedLoRU
+from rankfed.algorithms.mapa import MAPA
+from rankfed.algorithms.personal import PFedLoRA, PFedLoRU
 
-
-def get_algorithm(name: str, options: dict | None = None, section: str = "algorithm") -> Algorithm:
-    """Instantiate a registered algorithm from its name and (checked) options."""
-    if name not in ALGORITHMS:
-        raise ValueError(f"unknown algorithm {name!r}; choose from {', '.join(sorted(ALGORITHMS))}")
-    return ALGORITHMS[name].from_options(options or {}, section)
+__all__ = [
+    "ALGORITHMS",
+    "Algorithm",
+    "register",
+    "get_algorithm",
+    "FedAvg",
+    "MAPA",
+    "FALoRA",
+    "FedLoRA",
+    "FedLoRU",
+    "FedHM",
+    "PFedLoRU",
+    "PFedLoRA",
+    "MFedLoRU",
+]

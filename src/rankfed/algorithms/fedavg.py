@@ -1,14 +1,18 @@
 """FedAvg (McMahan et al., 2017): the baseline every byte count is measured against.
 
-Downlink (stateless clients): the global model's floating-point state
-(parameters and float buffers such as BatchNorm statistics), about 4*d bytes
-to each sampled client. Stateful clients instead all receive the last round's
-averaged update (about 4*d bytes to each of the K clients).
-Uplink: the client's update (local - global) for the same entries, plus the
-client's sample count, about 4*d bytes; or its compressed form when a
-``compressor`` is set ("Sparse" and "Quantize" baselines of the MAPA paper).
-Server: W += sum_i n_i * delta_i / sum_i n_i (the sample-weighted mean, which
-equals averaging the clients' models).
+What travels is the model's *shared* state (:func:`~rankfed.protocol.shared_state`): its
+trainable parameters and floating-point buffers (BatchNorm statistics). Parameters the user
+froze are the seeded initial model's on every party and are never sent, so a fine-tuning run's
+"vs FedAvg" figures compare against a FedAvg that sends what it trains.
+
+Downlink (stateless clients): the shared state, about 4*d bytes to each sampled client (d the
+trainable parameters). Stateful clients instead all receive the last round's averaged update
+(about 4*d bytes to each of the K clients).
+Uplink: the client's update (local - global) of the same entries, plus the client's sample
+count, about 4*d bytes; or its compressed form when a ``compressor`` is set ("Sparse" and
+"Quantize" baselines of the MAPA paper).
+Server: W += sum_i n_i * delta_i / sum_i n_i (the sample-weighted mean, which equals
+averaging the clients' models).
 """
 
 from __future__ import annotations
@@ -20,52 +24,36 @@ import torch
 from torch import nn
 
 from rankfed.algorithms.aggregate import add_present_, apply_mean_update, mean_train_loss, sample_weights
+from rankfed.algorithms.base import Algorithm, register
 from rankfed.algorithms.compression import CompressionOptions, UplinkCodec
-from rankfed.algorithms.base import (
-    Algorithm,
-    ClientContext,
-    ClientHalf,
-    RunContext,
-    ServerHalf,
-    client_uplink,
-    cohort_supported,
-    float_state,
-    register,
-    train_cross_entropy,
-)
+from rankfed.local import TrainStats
+from rankfed.protocol import ClientContext, ClientHalf, RunContext, ServerHalf, client_uplink, shared_state
 from rankfed.wire import Payload
 
 __all__ = ["FedAvg", "load_weights"]
 
 
-def load_weights(model: nn.Module, payload: Payload) -> None:
-    """Copy every floating-point state entry of ``model`` from ``payload`` (all must be there)."""
+def load_weights(model: nn.Module, payload: Payload, names: Sequence[str]) -> None:
+    """Copy the state entries ``names`` of ``model`` from ``payload`` (all must be there)."""
     state = model.state_dict()
     with torch.no_grad():
-        for name, dst in state.items():
-            if not dst.is_floating_point():
-                continue
+        for name in names:
             src = payload.get(name)
             if not isinstance(src, torch.Tensor):
                 raise KeyError(f"downlink payload lacks model entry {name!r}")
-            dst.copy_(src)
-
-
-@dataclass
-class FedAvgOptions(CompressionOptions):
-    """FedAvg's own options are its uplink compressor (client training is set in [client])."""
+            state[name].copy_(src)
 
 
 class FedAvgServer(ServerHalf):
     def __init__(self, model: nn.Module, codec: UplinkCodec):
-        # The global model, as a state dict (int buffers kept but never sent).
+        # The global model, as a state dict (frozen parameters and int buffers kept, never sent).
         self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.names = list(shared_state(model))  # what travels
         self.codec = codec
         self.last_update: dict[str, torch.Tensor] = {}  # what stateful clients have not applied yet
 
     def configure(self, rnd: int, client_ids: Sequence[int]) -> dict[int, Payload]:
-        payload: Payload = {"@round": rnd}
-        payload.update({k: v for k, v in self.state.items() if v.is_floating_point()})
+        payload: Payload = {"@round": rnd, **{k: self.state[k] for k in self.names}}
         return {cid: payload for cid in client_ids}  # one object: every client gets the same bytes
 
     def broadcast(self, rnd: int) -> Payload:
@@ -77,8 +65,7 @@ class FedAvgServer(ServerHalf):
             return {"clients": 0}
         weights = sample_weights(replies)
         deltas = (self.codec.decode(p) for _, p in replies)  # one client's dense update at a time
-        floats = [n for n, v in self.state.items() if v.is_floating_point()]
-        self.last_update = apply_mean_update(self.state, deltas, weights, floats)
+        self.last_update = apply_mean_update(self.state, deltas, weights, self.names)
         return {"clients": len(replies), "train_loss": mean_train_loss(replies, weights)}
 
     def global_model_state(self) -> dict[str, torch.Tensor]:
@@ -86,44 +73,63 @@ class FedAvgServer(ServerHalf):
 
 
 class FedAvgClient(ClientHalf):
-    def __init__(self, codec: UplinkCodec):
+    def __init__(self, model: nn.Module, codec: UplinkCodec):
         self.codec = codec
+        self.names = list(shared_state(model))
+        self._starts: dict[tuple[int, int], Payload] = {}  # (client, round) -> its start, between begin and end
 
     def sync(self, payload: Payload, replica: dict[str, torch.Tensor]) -> None:
         add_present_(replica, payload)  # round 1's broadcast carries no update yet
 
-    def fit(self, payload: Payload, ctx: ClientContext) -> Payload:
-        model = ctx.model
-        start = ctx.replica if ctx.replica is not None else payload
-        load_weights(model, start)
-        stats = train_cross_entropy(model, ctx, list(model.parameters()))
+    def _start(self, payload: Payload, ctx: ClientContext) -> Payload:
+        return ctx.replica if ctx.replica is not None else payload
+
+    def begin(self, payload: Payload, ctx: ClientContext) -> nn.Module:
+        """``ctx.model`` holding the global model (its trainable parameters are trained)."""
+        start = self._start(payload, ctx)
+        load_weights(ctx.model, start, self.names)
+        self._starts[ctx.client_id, ctx.round] = start
+        return ctx.model
+
+    def end(self, module: nn.Module, ctx: ClientContext, stats: TrainStats) -> Payload:
+        start = self._starts.pop((ctx.client_id, ctx.round))
+        state = module.state_dict()
         with torch.no_grad():
-            delta = {name: value - start[name].to(value.device) for name, value in float_state(model).items()}
+            delta = {n: state[n] - start[n].to(state[n].device) for n in self.names}
         return client_uplink(ctx, stats, self.codec.encode(delta, ctx.state, ctx.seed))
 
     def fit_cohort(self, payloads: Sequence[Payload], ctxs: Sequence[ClientContext], compile: bool = False) -> list[Payload] | None:
-        model, cfg = ctxs[0].model, ctxs[0].trainer.cfg
-        if cohort_supported(model, cfg) is not None:
-            return None
-        names = list(float_state(model))  # parameters and BatchNorm statistics
-        starts = [ctx.replica if ctx.replica is not None else p for p, ctx in zip(payloads, ctxs)]
-        cohort = self.cohort_trainer(model, cfg, compile=compile)
-        trained, stats = cohort.train([{n: s[n] for n in names} for s in starts], {}, [c.data for c in ctxs], [c.seed for c in ctxs], ctxs[0].trainer, ctxs[0].round)
+        model, trainer = ctxs[0].model, ctxs[0].trainer
+        starts = [self._start(p, ctx) for p, ctx in zip(payloads, ctxs)]
+        frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
+        cohort = self.cohort_trainer(model, trainer, compile=compile)
+        trained, stats = cohort.train([{n: s[n] for n in self.names} for s in starts], frozen, [c.data for c in ctxs], [c.seed for c in ctxs], trainer, ctxs[0].round)
         out = []
         with torch.no_grad():
             for start, params, st, ctx in zip(starts, trained, stats, ctxs):
-                delta = {name: params[name] - start[name].to(params[name].device) for name in names}
+                delta = {name: params[name] - start[name].to(params[name].device) for name in self.names}
                 out.append(client_uplink(ctx, st, self.codec.encode(delta, ctx.state, ctx.seed)))
         return out
 
 
 @register
-class FedAvg(Algorithm):
+@dataclass
+class FedAvg(CompressionOptions, Algorithm):
+    """FedAvg: clients train the whole (trainable) model; the server averages their updates.
+
+    Args:
+        compressor: an uplink compressor: ``""`` (none), ``"topk"``, ``"qsgd"``, a chain
+            ``"topk+qsgd"`` (with ``topk_ratio``, ``qsgd_bits``, ``error_feedback``),
+            ``"powersgd"`` / ``"greedylore"`` (``compress_rank``, ``update_gap``; their own
+            error feedback), or a :class:`rankfed.compress.Compressor` object.
+    """
+
     name = "fedavg"
-    Options = FedAvgOptions
 
     def make_server(self, model: nn.Module, ctx: RunContext) -> ServerHalf:
-        return FedAvgServer(model, UplinkCodec(self.options))
+        codec = UplinkCodec(self)
+        codec.warn_dense(shared_state(model))
+        return FedAvgServer(model, codec)
 
     def make_client(self, model: nn.Module, ctx: RunContext) -> ClientHalf:
-        return FedAvgClient(UplinkCodec(self.options))
+        return FedAvgClient(model, UplinkCodec(self))

@@ -32,16 +32,19 @@ import torch
 from torch import nn
 
 from rankfed.algorithms.aggregate import mean_train_loss, sample_weights, weighted_mean
-from rankfed.algorithms.base import Algorithm, ClientContext, ClientHalf, RunContext, ServerHalf, client_uplink, register, train_cross_entropy
-from rankfed.config import ConfigError
+from rankfed.algorithms.base import Algorithm, register
+from rankfed.algorithms.hetero import check_tiers, tier_of_clients
+from rankfed.errors import ConfigError
+from rankfed.local import TrainStats
 from rankfed.lowrank import apply_lora, lora_layers, max_rank
+from rankfed.protocol import ClientContext, ClientHalf, RunContext, ServerHalf, client_uplink, shared_state
 from rankfed.wire import Payload
 
-__all__ = ["FedHM", "FedHmOptions", "svd_factors", "factor_ranks"]
+__all__ = ["FedHM", "svd_factors", "factor_ranks"]
 
 
 @dataclass
-class FedHmOptions:
+class _FedHmOptions:
     rank_factor: int = 4  # rank of each factorised layer = max(1, out_channels // rank_factor)
     rank: int = 0  # > 0: this rank for every factorised layer instead (capped at the layer's full rank)
     tiers: list = field(default_factory=list)  # [{fraction, rank}, ...]: per-client ranks (heterogeneous FedHM)
@@ -49,14 +52,13 @@ class FedHmOptions:
     exclude: list = field(default_factory=lambda: ["conv1"])  # the stem stays full-rank, as in the FedHM code
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.rank_factor < 1:
             raise ConfigError(f"algorithm.rank_factor = {self.rank_factor}: must be >= 1")
         if self.rank < 0:
             raise ConfigError(f"algorithm.rank = {self.rank}: must be >= 0 (0 = out_channels // rank_factor)")
         if self.tiers:
-            from rankfed.algorithms.hetero import _check_tiers
-
-            self.tiers = _check_tiers(self.tiers, ("rank",))
+            self.tiers = check_tiers(self.tiers, ("rank",))
             for i, t in enumerate(self.tiers):
                 if t["rank"] < 1:
                     raise ConfigError(f"algorithm.tiers[{i}].rank = {t['rank']}: must be >= 1")
@@ -78,11 +80,12 @@ def svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Te
     return down, up
 
 
-def factor_ranks(model: nn.Module, opts: FedHmOptions, rank: int | None = None) -> dict[str, int]:
-    """The rank of every layer FedHM factorises (``rank``, or out // rank_factor; at most full rank)."""
+def factor_ranks(model: nn.Module, opts: FedHM, rank: int | None = None) -> dict[str, int]:
+    """The rank of every layer FedHM factorises (``rank``, or out // rank_factor; at most full
+    rank). Layers whose weight the user froze are not factorised (they neither train nor travel)."""
     ranks = {}
     for name, module in model.named_modules():
-        if not isinstance(module, (nn.Conv2d, nn.Linear)):
+        if not isinstance(module, (nn.Conv2d, nn.Linear)) or not module.weight.requires_grad:
             continue
         if any(fnmatch.fnmatchcase(name, p) for p in opts.patterns) and not any(fnmatch.fnmatchcase(name, p) for p in opts.exclude):
             out = module.out_channels if isinstance(module, nn.Conv2d) else module.out_features
@@ -109,8 +112,8 @@ class FedHmServer(ServerHalf):
         self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.ranks = ranks  # which layers are factorised (and, without tiers, at what rank)
         self.tier_ranks, self.tier_of = list(tier_ranks), list(tier_of)
-        # What travels besides the factors: every float entry that is not a factorised kernel.
-        self.others = [k for k, v in self.state.items() if v.is_floating_point() and k[: -len(".weight")] not in ranks]
+        # What travels besides the factors: every trainable or buffer entry that is not a factorised kernel.
+        self.others = [k for k in shared_state(model) if k[: -len(".weight")] not in ranks]
 
     def _payload(self, rnd: int, ranks: dict[str, int]) -> Payload:
         payload: Payload = {"@round": rnd}
@@ -162,15 +165,16 @@ def _recover(up: torch.Tensor, down: torch.Tensor, shape: torch.Size) -> torch.T
 class FedHmClient(ClientHalf):
     def __init__(self, wrapped: nn.Module):
         self.model = wrapped
-        self.trained = {n: p for n, p in wrapped.named_parameters() if p.requires_grad}
-        self.trained.update({n: b for n, b in wrapped.named_buffers() if b.is_floating_point()})
+        self.trained = shared_state(wrapped)
 
-    def fit(self, payload: Payload, ctx: ClientContext) -> Payload:
+    def begin(self, payload: Payload, ctx: ClientContext) -> nn.Module:
+        """The factorised model (factors and unfactorised layers trainable) loaded from the downlink."""
         with torch.no_grad():
             for name, value in self.trained.items():
                 value.copy_(payload[name])
-        model = self.model
-        stats = train_cross_entropy(model, ctx)
+        return self.model
+
+    def end(self, module: nn.Module, ctx: ClientContext, stats: TrainStats) -> Payload:
         return client_uplink(ctx, stats, {n: v.detach().clone() for n, v in self.trained.items()})
 
 
@@ -181,38 +185,51 @@ class TieredFedHmClient(ClientHalf):
         self.model, self.tier_ranks, self.tier_of = model, list(tier_ranks), list(tier_of)
         self.halves: dict[int, FedHmClient] = {}
 
-    def fit(self, payload: Payload, ctx: ClientContext) -> Payload:
+    def _half(self, ctx: ClientContext) -> FedHmClient:
         tier = self.tier_of[ctx.client_id]
         if tier not in self.halves:
             self.halves[tier] = FedHmClient(_factorised_model(self.model, self.tier_ranks[tier]))
-        return self.halves[tier].fit(payload, ctx)
+        return self.halves[tier]
+
+    def begin(self, payload: Payload, ctx: ClientContext) -> nn.Module:
+        return self._half(ctx).begin(payload, ctx)
+
+    def end(self, module: nn.Module, ctx: ClientContext, stats: TrainStats) -> Payload:
+        return self._half(ctx).end(module, ctx, stats)
 
 
 @register
-class FedHM(Algorithm):
+@dataclass
+class FedHM(_FedHmOptions, Algorithm):
+    """FedHM (Yao et al. 2021): the server factorises each selected layer by truncated SVD every
+    round, clients train the factors, the server multiplies them back and averages.
+
+    Args:
+        rank_factor: rank = max(1, out_channels // rank_factor) per layer.
+        rank: > 0: this one rank for every factorised layer instead (capped at its full rank).
+        tiers: ``[{fraction, rank}, ...]``: heterogeneous FedHM, consecutive client-id ranges
+            with their own rank.
+        patterns, exclude: module-name globs of the layers to factorise (the stem ``conv1``
+            stays full-rank by default, as in the FedHM code).
+    """
+
     name = "fedhm"
-    Options = FedHmOptions
 
     def _tiers(self, model: nn.Module, num_clients: int) -> tuple[list[dict[str, int]], list[int]]:
-        from rankfed.algorithms.hetero import tier_of_clients
-
-        tiers = self.options.tiers
-        return [factor_ranks(model, self.options, t["rank"]) for t in tiers], tier_of_clients(tiers, num_clients)
+        return [factor_ranks(model, self, t["rank"]) for t in self.tiers], tier_of_clients(self.tiers, num_clients)
 
     def make_server(self, model: nn.Module, ctx: RunContext) -> ServerHalf:
-        tier_ranks, tier_of = self._tiers(model, ctx.num_clients) if self.options.tiers else ([], [])
-        return FedHmServer(model, factor_ranks(model, self.options), tier_ranks, tier_of)
+        tier_ranks, tier_of = self._tiers(model, ctx.num_clients) if self.tiers else ([], [])
+        return FedHmServer(model, factor_ranks(model, self), tier_ranks, tier_of)
 
     def make_client(self, model: nn.Module, ctx: RunContext) -> ClientHalf:
-        if self.options.tiers:
+        if self.tiers:
             return TieredFedHmClient(copy.deepcopy(model), *self._tiers(model, ctx.num_clients))
-        return FedHmClient(_factorised_model(model, factor_ranks(model, self.options)))
+        return FedHmClient(_factorised_model(model, factor_ranks(model, self)))
 
     def client_tiers(self, num_clients: int) -> list[str] | None:
         """Each client's tier label (the summary's bytes per tier); None without ``tiers``."""
-        if not self.options.tiers:
+        if not self.tiers:
             return None
-        from rankfed.algorithms.hetero import tier_of_clients
-
-        labels = [f"rank={t['rank']}" for t in self.options.tiers]
-        return [labels[i] for i in tier_of_clients(self.options.tiers, num_clients)]
+        labels = [f"rank={t['rank']}" for t in self.tiers]
+        return [labels[i] for i in tier_of_clients(self.tiers, num_clients)]

@@ -29,24 +29,26 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from rankfed.algorithms.base import Algorithm, ClientContext, ClientHalf, RunContext, ServerHalf, client_uplink, register
+from rankfed.algorithms.base import register
 from rankfed.algorithms.compression import UplinkCodec
-from rankfed.algorithms.lora import FedLoruOptions, LoraClient, LoraServer, build_lora_model
-from rankfed.config import ConfigError
-from rankfed.lowrank import lora_layers
-from rankfed.lowrank.layers import _kaiming_down_zero_up
+from rankfed.algorithms.lora import FedLoRU, LoraClient, LoraServer, build_lora_model, warn_large_factors
+from rankfed.errors import ConfigError
+from rankfed.local import call_model
+from rankfed.lowrank import kaiming_down_zero_up, lora_layers
+from rankfed.protocol import ClientContext, ClientHalf, RunContext, ServerHalf, client_uplink
 from rankfed.wire import Payload
 
-__all__ = ["MFedLoru", "MFedLoruOptions", "tier_of_clients"]
+__all__ = ["MFedLoRU", "tier_of_clients", "check_tiers"]
 
 _NESTED = (":d", ":u")  # payload suffixes of the nested factors of a factor
 
 
-def _check_tiers(tiers: object, keys: tuple[str, ...]) -> list[dict]:
+def check_tiers(tiers: object, keys: tuple[str, ...]) -> list[dict]:
+    """Client tiers ``[{fraction, <keys>...}, ...]``: fractions in (0, 1] summing to 1, the
+    other keys ints >= 0 (each error names ``algorithm.tiers[i]``)."""
     if not isinstance(tiers, list) or not tiers:
         raise ConfigError(f"algorithm.tiers = {tiers!r}: must be a non-empty list of tables")
     out = []
@@ -75,20 +77,6 @@ def tier_of_clients(tiers: Sequence[dict], num_clients: int) -> list[int]:
     return [int(np.searchsorted(bounds, cid, side="right")) for cid in range(num_clients)]
 
 
-@dataclass
-class MFedLoruOptions(FedLoruOptions):
-    tiers: list = field(default_factory=lambda: [{"fraction": 1.0, "rank_a": 0, "rank_b": 0}])
-    nested_alpha: float = 0.0  # nested scale s_A = nested_alpha / r_A (likewise B); 0 = the nested rank (scale 1)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.tiers = _check_tiers(self.tiers, ("rank_a", "rank_b"))
-        if not 0 <= self.nested_alpha < math.inf:
-            raise ConfigError(f"algorithm.nested_alpha = {self.nested_alpha}: must be >= 0 and finite (0 = the nested rank)")
-        if self.compressor:
-            raise ConfigError(f"algorithm.compressor = {self.compressor!r}: mfedloru sends nested factors, not compressed updates")
-
-
 def tier_label(tier: dict) -> str:
     if not tier["rank_a"] and not tier["rank_b"]:
         return "rank_a=0, rank_b=0 (FedLoRU)"
@@ -113,7 +101,7 @@ def _scale(alpha: float, rank: int) -> float:
 class MFedLoruServer(LoraServer):
     """FedLoRU's server; each reply's nested factors are recovered into A^(k), B^(k) first."""
 
-    def __init__(self, wrapped: nn.Module, options: MFedLoruOptions, num_clients: int, run_seed: int):
+    def __init__(self, wrapped: nn.Module, options: MFedLoRU, num_clients: int, run_seed: int):
         super().__init__(wrapped, UplinkCodec(options), run_seed, options.tau, options.reinit)
         self.options = options
         self.tier_of = tier_of_clients(options.tiers, num_clients)
@@ -136,7 +124,7 @@ class MFedLoruServer(LoraServer):
 
 
 class MFedLoruClient(LoraClient):
-    def __init__(self, wrapped: nn.Module, options: MFedLoruOptions, num_clients: int, run_seed: int):
+    def __init__(self, wrapped: nn.Module, options: MFedLoRU, num_clients: int, run_seed: int):
         super().__init__(wrapped, UplinkCodec(options), options.reinit)
         self.options, self.run_seed = options, run_seed
         self.tier_of = tier_of_clients(options.tiers, num_clients)
@@ -159,7 +147,7 @@ class MFedLoruClient(LoraClient):
                 continue  # opted out: this factor trains directly, as in FedLoRU
             (dr, dc), (ur, uc) = _nested_shapes(w, rank)
             d, u = torch.empty(dr, dc, device=w.device), torch.empty(ur, uc, device=w.device)
-            _kaiming_down_zero_up(d, u, gen)  # d Kaiming-uniform, u zero: d @ u = 0
+            kaiming_down_zero_up(d, u, gen)  # d Kaiming-uniform, u zero: d @ u = 0
             d.requires_grad_(True)
             u.requires_grad_(True)
             nested[name] = (d, u, _scale(self.options.nested_alpha, rank))
@@ -168,10 +156,12 @@ class MFedLoruClient(LoraClient):
             self.factors[name].requires_grad_(False)
         params = direct + [t for d, u, _ in nested.values() for t in (d, u)]
 
-        def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        task = ctx.trainer.task
+
+        def loss_fn(x, y: torch.Tensor) -> torch.Tensor:
             # eq. (15): each nested factor enters as A + s_A A_d A_u, shaped like A
             over = {n: self.factors[n] + (s * (d @ u)).reshape(self.factors[n].shape) for n, (d, u, s) in nested.items()}
-            return F.cross_entropy(functional_call(model, over, (x,)), y)
+            return task.compute_loss(call_model(lambda *a, **k: functional_call(model, over, a, k), x), y)
 
         model.train()
         try:
@@ -187,22 +177,43 @@ class MFedLoruClient(LoraClient):
 
 
 @register
-class MFedLoru(Algorithm):
-    """mFedLoRU: FedLoRU where each client tier trains nested factors of its own ranks."""
+@dataclass
+class MFedLoRU(FedLoRU):
+    """mFedLoRU (FedLoRU paper, Algorithm 3): FedLoRU where each client tier trains nested factors
+    of its own ranks (clients of different capabilities).
+
+    Args:
+        tiers: ``[{fraction, rank_a, rank_b}, ...]``: consecutive client-id ranges by fraction;
+            a tier with nested ranks r_A, r_B trains A + s_A A_d A_u and B + s_B B_d B_u; rank 0
+            trains that factor directly (FedLoRU).
+        nested_alpha: nested scale s_A = nested_alpha / r_A (likewise B); 0: scale 1.
+        rank, alpha, patterns, exclude, train_bias, tau, reinit: as :class:`FedLoRU` (no compressor).
+    """
 
     name = "mfedloru"
-    Options = MFedLoruOptions
     default_client_kind = "stateful"  # as FedLoRU
 
+    tiers: list = field(default_factory=lambda: [{"fraction": 1.0, "rank_a": 0, "rank_b": 0}])
+    nested_alpha: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.tiers = check_tiers(self.tiers, ("rank_a", "rank_b"))
+        if not 0 <= self.nested_alpha < math.inf:
+            raise ConfigError(f"algorithm.nested_alpha = {self.nested_alpha}: must be >= 0 and finite (0 = the nested rank)")
+        if self.compressor:
+            raise ConfigError(f"algorithm.compressor = {self.compressor!r}: mfedloru sends nested factors, not compressed updates")
+
     def make_server(self, model: nn.Module, ctx: RunContext) -> ServerHalf:
-        wrapped = build_lora_model(model, self.options, ctx.seed, freeze_down=False)
-        return MFedLoruServer(wrapped, self.options, ctx.num_clients, ctx.seed)
+        wrapped = build_lora_model(model, self, ctx.seed, freeze_down=False)
+        warn_large_factors(wrapped)
+        return MFedLoruServer(wrapped, self, ctx.num_clients, ctx.seed)
 
     def make_client(self, model: nn.Module, ctx: RunContext) -> ClientHalf:
-        wrapped = build_lora_model(model, self.options, ctx.seed, freeze_down=False)
-        return MFedLoruClient(wrapped, self.options, ctx.num_clients, ctx.seed)
+        wrapped = build_lora_model(model, self, ctx.seed, freeze_down=False)
+        return MFedLoruClient(wrapped, self, ctx.num_clients, ctx.seed)
 
     def client_tiers(self, num_clients: int) -> list[str]:
         """Each client's tier label (the summary's bytes per tier)."""
-        labels = [tier_label(t) for t in self.options.tiers]
-        return [labels[i] for i in tier_of_clients(self.options.tiers, num_clients)]
+        labels = [tier_label(t) for t in self.tiers]
+        return [labels[i] for i in tier_of_clients(self.tiers, num_clients)]

@@ -29,25 +29,30 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import nn
 
-from rankfed.algorithms.base import Algorithm, ClientContext, ClientHalf, RunContext, ServerHalf, client_uplink, cohort_supported, register, train_cross_entropy
-from rankfed.algorithms.compression import CompressionOptions, UplinkCodec
 from rankfed.algorithms.aggregate import add_present_, apply_mean_update, mean_train_loss, sample_weights
-from rankfed.config import ConfigError
+from rankfed.algorithms.base import Algorithm, register
+from rankfed.algorithms.compression import CompressionOptions, UplinkCodec, describe_bytes
+from rankfed.compress import low_rank_pays
+from rankfed.errors import ConfigError
+from rankfed.local import TrainStats
 from rankfed.lowrank import apply_lora, dense_state_dict, lora_layers, merge_all
+from rankfed.protocol import ClientContext, ClientHalf, RunContext, ServerHalf, client_uplink, derive_seed, shared_state
 from rankfed.wire import Payload
 
-__all__ = ["FaLora", "FedLora", "FedLoru", "LoraOptions", "FaLoraOptions", "FedLoraOptions", "FedLoruOptions", "build_lora_model"]
+__all__ = ["FALoRA", "FedLoRA", "FedLoRU", "LoraOptions", "build_lora_model", "warn_large_factors"]
 
 
 @dataclass
 class LoraOptions(CompressionOptions):
+    """Options of every algorithm with layer-wise factors (the LoRA family)."""
+
     rank: int = 4
     alpha: float = 0.0  # update scale is alpha / rank; 0 = alpha equal to rank (scale 1)
     patterns: list = field(default_factory=lambda: ["*conv*"])  # fnmatch on module names: which layers get factors
@@ -71,36 +76,12 @@ class LoraOptions(CompressionOptions):
             raise ConfigError("algorithm.patterns = []: give at least one module-name pattern")
 
 
-@dataclass
-class FaLoraOptions(LoraOptions):
-    patterns: list = field(default_factory=lambda: ["*"])  # FA-LoRA factorises every layer by default
-    exclude: list = field(default_factory=list)
-
-
-@dataclass
-class FedLoraOptions(LoraOptions):
-    """FedLoRA: both factors train; the paper factorises the convolutions (the default)."""
-
-
-@dataclass
-class FedLoruOptions(LoraOptions):
-    tau: int = 10  # merge the factors into the base every tau rounds
-    reinit: str = "random"  # after a merge: random (down Kaiming, up zero) | momentum (keep both)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.tau < 1:
-            raise ConfigError(f"algorithm.tau = {self.tau}: must be >= 1 (fedlora is FedLoRU without merges)")
-        if self.reinit not in ("random", "momentum"):
-            raise ConfigError(f"algorithm.reinit = {self.reinit!r}: must be one of random, momentum")
-
-
 def _factor_seed(run_seed: int) -> int:
-    return int(np.random.SeedSequence([run_seed, 0x4641]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+    return derive_seed(run_seed, 0x4641)
 
 
 def _merge_seed(run_seed: int, rnd: int) -> int:
-    return int(np.random.SeedSequence([run_seed, rnd, 0x4C4F5255]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+    return derive_seed(run_seed, rnd, 0x4C4F5255)
 
 
 def _merge(model: nn.Module, reinit: str, seed: int) -> None:
@@ -137,18 +118,32 @@ def build_lora_model(model: nn.Module, opts: LoraOptions, run_seed: int, freeze_
     return wrapped.to(next(model.parameters()).device)
 
 
-def _shared_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What the parties exchange: trainable parameters and float buffers (live tensors)."""
-    out = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    out.update({n: b for n, b in model.named_buffers() if b.is_floating_point()})
-    return out
+def warn_large_factors(wrapped: nn.Module, option: str = "algorithm.rank") -> None:
+    """One warning naming the wrapped layers whose factor pair has more numbers than the dense
+    layer it updates (a rank above what saves anything): sent every round, they cost more than
+    FedAvg would for that layer."""
+    big = []
+    for name, layer in lora_layers(wrapped).items():
+        weight = layer.base_layer.weight
+        factors = layer.down.weight.numel() + layer.up.weight.numel()
+        if not low_rank_pays(weight.shape, factors, min_saving=1.0):
+            big.append((name, factors * layer.down.weight.element_size(), weight.numel() * weight.element_size()))
+    if big:
+        rank = next(iter(lora_layers(wrapped).values())).rank
+        shown = "; ".join(f"{n}: factors {describe_bytes(f)} vs dense {describe_bytes(d)}" for n, f, d in big[:4]) + ("; ..." if len(big) > 4 else "")
+        total_f, total_d = sum(f for _, f, _ in big), sum(d for _, _, d in big)
+        warnings.warn(
+            f"{option} = {rank}: the factors of {len(big)} layer(s) are bigger than the dense layer they update "
+            f"({describe_bytes(total_f)} against {describe_bytes(total_d)} dense, sent every round): {shown}",
+            stacklevel=3,
+        )
 
 
 class LoraServer(ServerHalf):
     def __init__(self, wrapped: nn.Module, codec: UplinkCodec, run_seed: int = 0, tau: int = 0, reinit: str = "random"):
         self.model, self.codec = wrapped, codec
         self.run_seed, self.tau, self.reinit = run_seed, tau, reinit
-        self.shared = _shared_state(wrapped)
+        self.shared = shared_state(wrapped)
         self.base = _base_weights(wrapped)
         self.merges = 0
         self.last_update: Payload = {}
@@ -180,14 +175,19 @@ class LoraServer(ServerHalf):
     def global_model_state(self) -> dict[str, torch.Tensor]:
         return dense_state_dict(self.model)
 
+    def upload_tensors(self) -> dict[str, torch.Tensor]:
+        """What an honest upload holds (its size bounds the uploads the server accepts)."""
+        return self.shared
+
 
 class LoraClient(ClientHalf):
     def __init__(self, wrapped: nn.Module, codec: UplinkCodec, reinit: str = "random"):
         self.model, self.codec, self.reinit = wrapped, codec, reinit  # this client half's own wrapped model object
-        self.shared = _shared_state(wrapped)
+        self.shared = shared_state(wrapped)
         self.base = _base_weights(wrapped)
         # The seeded initial base: what a stateless client knows without downloading anything.
         self.base0 = {k: v.detach().clone() for k, v in self.base.items()}
+        self._starts: dict[tuple[int, int], Payload] = {}  # (client, round) -> its start, between begin and end
 
     def init_replica(self, model: nn.Module) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in {**self.shared, **self.base}.items()}
@@ -209,11 +209,16 @@ class LoraClient(ClientHalf):
                 for name, value in {**self.shared, **self.base}.items():
                     replica[name].copy_(value)
 
-    def fit(self, payload: Payload, ctx: ClientContext) -> Payload:
+    def begin(self, payload: Payload, ctx: ClientContext) -> nn.Module:
+        """This client half's wrapped model (frozen base, trainable factors) loaded from the
+        downlink or the replica."""
         start = ctx.replica if ctx.replica is not None else payload
         self._load(start)
-        model = self.model
-        stats = train_cross_entropy(model, ctx)
+        self._starts[ctx.client_id, ctx.round] = start
+        return self.model
+
+    def end(self, module: nn.Module, ctx: ClientContext, stats: TrainStats) -> Payload:
+        start = self._starts.pop((ctx.client_id, ctx.round))
         with torch.no_grad():
             delta = {n: v.detach() - start[n].to(v.device) for n, v in self.shared.items()}
         return client_uplink(ctx, stats, self.codec.encode(delta, ctx.state, ctx.seed))
@@ -223,16 +228,16 @@ class LoraClient(ClientHalf):
         start; the frozen base is passed once to all clients."""
         if type(self).fit is not LoraClient.fit:  # a subclass that trains differently (pFedLoRU, mFedLoRU)
             return None
-        model, cfg = self.model, ctxs[0].trainer.cfg
+        model, trainer = self.model, ctxs[0].trainer
         starts = [ctx.replica if ctx.replica is not None else p for p, ctx in zip(payloads, ctxs)]
-        if cohort_supported(model, cfg) is not None or any(s is not starts[0] for s in starts):
+        if any(s is not starts[0] for s in starts):
             return None
         start = starts[0]
         self._load(start)
         frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
-        cohort = self.cohort_trainer(model, cfg, compile=compile)
+        cohort = self.cohort_trainer(model, trainer, compile=compile)
         first = {n: start[n] for n in self.shared}  # the trained parameters and BatchNorm statistics
-        trained, stats = cohort.train([first] * len(ctxs), frozen, [c.data for c in ctxs], [c.seed for c in ctxs], ctxs[0].trainer, ctxs[0].round)
+        trained, stats = cohort.train([first] * len(ctxs), frozen, [c.data for c in ctxs], [c.seed for c in ctxs], trainer, ctxs[0].round)
         out = []
         with torch.no_grad():
             for params, st, ctx in zip(trained, stats, ctxs):
@@ -241,44 +246,82 @@ class LoraClient(ClientHalf):
         return out
 
 
-class _LoraFamily(Algorithm):
-    freeze_down: bool = False
+class _LoraFamily(LoraOptions, Algorithm):
+    freeze_down = False  # a class attribute (no annotation): not an option
 
     def _tau_reinit(self) -> tuple[int, str]:
-        return getattr(self.options, "tau", 0), getattr(self.options, "reinit", "random")
+        return getattr(self, "tau", 0), getattr(self, "reinit", "random")
 
     def make_server(self, model: nn.Module, ctx: RunContext) -> ServerHalf:
         tau, reinit = self._tau_reinit()
-        wrapped = build_lora_model(model, self.options, ctx.seed, freeze_down=self.freeze_down)
-        return LoraServer(wrapped, UplinkCodec(self.options), ctx.seed, tau, reinit)
+        wrapped = build_lora_model(model, self, ctx.seed, freeze_down=self.freeze_down)
+        warn_large_factors(wrapped)
+        codec = UplinkCodec(self)
+        codec.warn_dense(shared_state(wrapped))
+        return LoraServer(wrapped, codec, ctx.seed, tau, reinit)
 
     def make_client(self, model: nn.Module, ctx: RunContext) -> ClientHalf:
         _, reinit = self._tau_reinit()
-        wrapped = build_lora_model(model, self.options, ctx.seed, freeze_down=self.freeze_down)
-        return LoraClient(wrapped, UplinkCodec(self.options), reinit)
+        wrapped = build_lora_model(model, self, ctx.seed, freeze_down=self.freeze_down)
+        return LoraClient(wrapped, UplinkCodec(self), reinit)
+
+
+_LORA_ARGS = """
+    Args:
+        rank: rank r of every factor pair (may exceed a layer's full rank, as the paper's
+            ResNet-18 at rank 128 does; a warning names layers whose factors outgrow them).
+        alpha: the update is scaled by alpha / rank (0: alpha = rank, scale 1).
+        patterns, exclude: fnmatch globs on module names choosing the nn.Linear / nn.Conv2d
+            layers that get factors; every other trainable tensor trains and travels in full.
+        train_bias: the biases of factorised layers train (and travel).
+        compressor, ...: an uplink compressor applied to what travels (see :class:`FedAvg`).
+"""
 
 
 @register
-class FaLora(_LoraFamily):
-    """Layer-wise FA-LoRA: A (``down``) frozen at random, only B (``up``) trained and sent."""
+@dataclass
+class FALoRA(_LoraFamily):
+    __doc__ = """Layer-wise FA-LoRA (the MAPA paper's baseline): A (``down``) frozen at random from the
+    run's seed, only B (``up``) trained and sent. Every layer is factorised by default.
+    """ + _LORA_ARGS
 
     name = "fa_lora"
-    Options = FaLoraOptions
     freeze_down = True
 
+    patterns: list = field(default_factory=lambda: ["*"])
+    exclude: list = field(default_factory=list)
+
 
 @register
-class FedLora(_LoraFamily):
-    """FedLoRA: both factors trained and averaged separately; no accumulation."""
+@dataclass
+class FedLoRA(_LoraFamily):
+    __doc__ = """FedLoRA (the FedLoRU paper's baseline): both factors train and are averaged
+    separately; no accumulation. The convolutions are factorised by default, the stem
+    (``conv1``) trains in full, as in the paper's code.
+    """ + _LORA_ARGS
 
     name = "fedlora"
-    Options = FedLoraOptions
 
 
 @register
-class FedLoru(_LoraFamily):
-    """FedLoRU: FedLoRA plus a merge of the factors into the base every ``tau`` rounds."""
+@dataclass
+class FedLoRU(FedLoRA):
+    __doc__ = """FedLoRU (Park & Klabjan, Algorithm 1): FedLoRA plus a merge of the factors into
+    the base every ``tau`` rounds, so the global model's rank grows with each merge.
+    """ + _LORA_ARGS + """        tau: merge every tau rounds (>= 1).
+        reinit: after a merge, ``"random"`` (down Kaiming-uniform, up zero) or ``"momentum"``
+            (keep both factors, after ReLoRA).
+"""
 
     name = "fedloru"
-    Options = FedLoruOptions
     default_client_kind = "stateful"  # the paper's clients keep W and merge locally
+
+    tau: int = 10
+    reinit: str = "random"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.tau < 1:
+            raise ConfigError(f"algorithm.tau = {self.tau}: must be >= 1 (fedlora is FedLoRU without merges)")
+        if self.reinit not in ("random", "momentum"):
+            raise ConfigError(f"algorithm.reinit = {self.reinit!r}: must be one of random, momentum")

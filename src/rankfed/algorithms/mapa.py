@@ -1,8 +1,8 @@
 """MAPA: Model-Agnostic Projection Adaptation (the MAPA paper, Section 3, Algorithm 1).
 
-The whole model update, all d parameters flattened in ``named_parameters()``
-order, is one vector reshaped to a ceil(d/k) x k matrix and factorised as
-A B with
+The whole model update, all d trainable parameters (those with ``requires_grad``; frozen
+ones are neither trained nor projected) flattened in ``named_parameters()`` order, is one
+vector reshaped to a ceil(d/k) x k matrix and factorised as A B with
 
     A  (m,)  m = ceil(d/k)  the reconstruction vector, N(0, sigma^2), rebuilt from
                             the round's seed on the server and every client, never sent
@@ -21,10 +21,16 @@ the chain rule dL/dB = A^T G with G = g reshaped (m, k) (zero-padded past d).
 The optimiser steps B, and the parameters move by vec(A (B_new - B_old)).
 Extra memory is O(d): the flat gradient buffer and one expansion.
 
+Around your own training loop, :meth:`MapaClient.begin` returns the same model as a
+reparametrising module (:class:`MapaModule`: W + vec(A B)[:d] through
+``torch.func.functional_call``, B its only trainable parameter) and :meth:`MapaClient.end`
+reads the uplink off it.
+
 Bytes: uplink = k floats + a small header (plus float buffers such as
 BatchNorm statistics, sent in full, when the model has them). Downlink for
 stateful clients (the paper's assumption, the default): every client receives
-the seed and the last B_bar each round. Stateless clients download the model.
+the seed and the last B_bar each round. Stateless clients download the model's
+trainable tensors.
 """
 
 from __future__ import annotations
@@ -33,43 +39,31 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
+from torch.func import functional_call
 
-from rankfed.algorithms.base import Algorithm, ClientContext, ClientHalf, RunContext, ServerHalf, client_uplink, cohort_supported, register, train_cross_entropy
-from rankfed.algorithms.compression import CompressionOptions, UplinkCodec
 from rankfed.algorithms.aggregate import add_present_, apply_mean_update, mean_train_loss, sample_weights, weighted_mean
-from rankfed.config import ConfigError
+from rankfed.algorithms.base import Algorithm, register
+from rankfed.algorithms.compression import CompressionOptions, UplinkCodec
+from rankfed.errors import ConfigError
+from rankfed.local import TrainStats
+from rankfed.protocol import ClientContext, ClientHalf, RunContext, ServerHalf, client_uplink, derive_seed, shared_state
 from rankfed.wire import Payload
 
-__all__ = ["Mapa", "MapaOptions", "FlatLayout", "reconstruction_vector", "expand", "round_seed"]
-
-
-@dataclass
-class MapaOptions(CompressionOptions):
-    k: int = 64  # length of the trained projection vector B (and of the uplink)
-    sigma: float = 0.0  # std of A's entries; 0 = 1/sqrt(ceil(d/k)), so E||A||^2 = 1
-    fresh_a: bool = True  # a new A every round (MAPA) or one A for the whole run (frozen)
-    a_dist: str = "gaussian"  # gaussian | ones (A = 1: for checking the algebra)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.k < 1:
-            raise ConfigError(f"algorithm.k = {self.k}: must be >= 1")
-        if not 0 <= self.sigma < math.inf:
-            raise ConfigError(f"algorithm.sigma = {self.sigma}: must be >= 0 and finite (0 = 1/sqrt(ceil(d/k)))")
-        if self.a_dist not in ("gaussian", "ones"):
-            raise ConfigError(f"algorithm.a_dist = {self.a_dist!r}: must be one of gaussian, ones")
+__all__ = ["MAPA", "MapaModule", "FlatLayout", "reconstruction_vector", "expand", "round_seed"]
 
 
 class FlatLayout:
-    """Where each parameter sits in the flat d-vector (``named_parameters()`` order)."""
+    """Where each trainable parameter sits in the flat d-vector (``named_parameters()`` order)."""
 
     def __init__(self, model: nn.Module):
-        self.names = [n for n, _ in model.named_parameters()]
-        self.numels = [p.numel() for _, p in model.named_parameters()]
-        self.offsets = [0, *np.cumsum(self.numels).tolist()]
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.names = [n for n, _ in trainable]
+        self.numels = [p.numel() for _, p in trainable]
+        self.offsets = [0]
+        for n in self.numels:
+            self.offsets.append(self.offsets[-1] + n)
         self.d = self.offsets[-1]
 
     def views(self, flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -83,8 +77,7 @@ class FlatLayout:
 
 def round_seed(run_seed: int, rnd: int, fresh_a: bool) -> int:
     """The seed of round ``rnd``'s reconstruction vector (round 0's when A is frozen)."""
-    ss = np.random.SeedSequence([run_seed, rnd if fresh_a else 0, 0x4D415041])  # "MAPA"
-    return int(ss.generate_state(1, np.uint64)[0] >> np.uint64(1))
+    return derive_seed(run_seed, rnd if fresh_a else 0, 0x4D415041)  # "MAPA"
 
 
 def reconstruction_vector(m: int, seed: int, sigma: float, dist: str = "gaussian", device: torch.device | str = "cpu") -> torch.Tensor:
@@ -103,11 +96,13 @@ def expand(a: torch.Tensor, b: torch.Tensor, d: int) -> torch.Tensor:
 class _Geometry:
     """d, k, m = ceil(d/k) and sigma for a model, with the option checks that need d."""
 
-    def __init__(self, model: nn.Module, opts: MapaOptions):
+    def __init__(self, model: nn.Module, opts: MAPA):
         self.layout = FlatLayout(model)
         d = self.layout.d
+        if d == 0:
+            raise ConfigError("mapa: the model has no trainable parameters (every parameter has requires_grad = False)")
         if not 1 <= opts.k <= d:
-            raise ConfigError(f"algorithm.k = {opts.k}: must be between 1 and d = {d} (the model's parameter count)")
+            raise ConfigError(f"algorithm.k = {opts.k}: must be between 1 and d = {d} (the model's trainable parameter count)")
         self.d, self.k = d, opts.k
         self.m = math.ceil(d / opts.k)
         self.sigma = opts.sigma or 1.0 / math.sqrt(self.m)
@@ -121,11 +116,40 @@ def _float_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: b for n, b in model.named_buffers() if b.is_floating_point()}
 
 
+class MapaModule(nn.Module):
+    """A model reparametrised as MAPA trains it: ``W + vec(A B)[:d]``, computed through
+    ``torch.func.functional_call`` of the wrapped model, with ``B`` (k,) its only trainable
+    parameter. The wrapped model is not a submodule (its parameters stay out of
+    :meth:`parameters`); its buffers (BatchNorm statistics) update as it runs."""
+
+    def __init__(self, base: nn.Module, layout: FlatLayout, a: torch.Tensor, k: int):
+        super().__init__()
+        object.__setattr__(self, "base", base)
+        self.layout = layout
+        self.w = {n: p.detach().clone() for n, p in base.named_parameters() if n in set(layout.names)}  # W, fixed for the round
+        self.register_buffer("a", a, persistent=False)  # (m,)
+        self.B = nn.Parameter(torch.zeros(k, device=a.device))  # (k,)
+
+    def parameters_now(self) -> dict[str, torch.Tensor]:
+        """W + vec(A B)[:d], by parameter name (differentiable in B)."""
+        flat = expand(self.a, self.B, self.layout.d)
+        return {n: self.w[n] + flat[o : o + k].view(self.w[n].shape) for n, o, k in zip(self.layout.names, self.layout.offsets, self.layout.numels)}
+
+    def forward(self, *args, **kwargs):
+        return functional_call(self.base, self.parameters_now(), args, kwargs)
+
+    def train(self, mode: bool = True) -> MapaModule:
+        super().train(mode)
+        self.base.train(mode)
+        return self
+
+
 class MapaServer(ServerHalf):
     def __init__(self, model: nn.Module, geo: _Geometry, run_seed: int, codec: UplinkCodec):
         self.geo, self.run_seed, self.codec = geo, run_seed, codec
         self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.params = [self.state[n] for n in geo.layout.names]  # views into self.state
+        self.shared = list(shared_state(model))  # the trainable parameters and float buffers: a stateless downlink
         self.buffer_names = list(_float_buffers(model))
         self.last: Payload = {}  # the last round's (seed, B_bar, buffer means) for stateful clients
 
@@ -133,8 +157,7 @@ class MapaServer(ServerHalf):
         return round_seed(self.run_seed, rnd, self.geo.opts.fresh_a)
 
     def configure(self, rnd: int, client_ids: Sequence[int]) -> dict[int, Payload]:
-        payload: Payload = {"@round": rnd, "@seed": self._seed(rnd)}
-        payload.update({k: v for k, v in self.state.items() if v.is_floating_point()})
+        payload: Payload = {"@round": rnd, "@seed": self._seed(rnd), **{k: self.state[k] for k in self.shared}}
         return {cid: payload for cid in client_ids}
 
     def broadcast(self, rnd: int) -> Payload:
@@ -160,8 +183,10 @@ class MapaServer(ServerHalf):
 
 
 class MapaClient(ClientHalf):
-    def __init__(self, geo: _Geometry, codec: UplinkCodec):
+    def __init__(self, model: nn.Module, geo: _Geometry, codec: UplinkCodec):
         self.geo, self.codec = geo, codec
+        self.shared = list(shared_state(model))
+        self._starts: dict[tuple[int, int], Payload] = {}  # (client, round) -> its start, between begin and end
 
     def sync(self, payload: Payload, replica: dict[str, torch.Tensor]) -> None:
         """Apply the last round's update: W += vec(A_prev B_prev)[:d] (and buffer means)."""
@@ -174,14 +199,36 @@ class MapaClient(ClientHalf):
             self.geo.layout.add_(params, expand(a, b, self.geo.d).to(params[0].device))
         add_present_({n: v for n, v in replica.items() if n not in self.geo.layout.names}, payload)  # buffer means
 
-    def fit(self, payload: Payload, ctx: ClientContext) -> Payload:
-        geo, model = self.geo, ctx.model
+    def _load(self, payload: Payload, ctx: ClientContext) -> Payload:
         start = ctx.replica if ctx.replica is not None else payload
+        state = ctx.model.state_dict()
         with torch.no_grad():
-            for name, value in model.state_dict().items():
-                if value.is_floating_point():
-                    value.copy_(start[name])
-        params = [p for _, p in model.named_parameters()]
+            for name in self.shared:
+                state[name].copy_(start[name])
+        return start
+
+    def begin(self, payload: Payload, ctx: ClientContext) -> MapaModule:
+        """The round's model as a :class:`MapaModule` (train its one parameter, B)."""
+        start = self._load(payload, ctx)
+        self._starts[ctx.client_id, ctx.round] = start
+        device = next(ctx.model.parameters()).device
+        return MapaModule(ctx.model, self.geo.layout, self.geo.a(int(payload["@seed"]), device), self.geo.k)
+
+    def end(self, module: nn.Module, ctx: ClientContext, stats: TrainStats) -> Payload:
+        start = self._starts.pop((ctx.client_id, ctx.round))
+        tensors = {"B": module.B.detach().clone()}
+        with torch.no_grad():
+            for name, buf in _float_buffers(module.base).items():
+                tensors[name] = buf - start[name].to(buf.device)
+        return client_uplink(ctx, stats, self.codec.encode(tensors, ctx.state, ctx.seed))
+
+    def fit(self, payload: Payload, ctx: ClientContext) -> Payload:
+        """As :meth:`begin`, the loop, :meth:`end`, without the reparametrised forward: the model's
+        own parameters hold W + vec(A B) and the chain rule maps their gradient to B's."""
+        geo, model = self.geo, ctx.model
+        start = self._load(payload, ctx)
+        named = dict(model.named_parameters())
+        params = [named[n] for n in geo.layout.names]
         device = params[0].device
         a = geo.a(int(payload["@seed"]), device)  # (m,)
         b = nn.Parameter(torch.zeros(geo.k, device=device))  # (k,)
@@ -190,7 +237,6 @@ class MapaClient(ClientHalf):
         # so backward writes g straight into G without a copy.
         grad_flat = torch.zeros(geo.m * geo.k, device=device)
         for p, g in zip(params, geo.layout.views(grad_flat, params)):
-            p.requires_grad_(True)
             p.grad = g
         grad_matrix = grad_flat.view(geo.m, geo.k)  # G (m, k)
 
@@ -203,7 +249,7 @@ class MapaClient(ClientHalf):
                 geo.layout.add_([p.data for p in params], expand(a, b - b_applied, geo.d))
                 b_applied.copy_(b)
 
-        stats = train_cross_entropy(model, ctx, [b], after_backward=after_backward, after_step=after_step)
+        stats = ctx.trainer.train(model, ctx.data, ctx.round, ctx.seed, params=[b], after_backward=after_backward, after_step=after_step)
         for p in params:
             p.grad = None
         tensors = {"B": b.detach().clone()}
@@ -220,18 +266,18 @@ class MapaClient(ClientHalf):
 
     def fit_cohort(self, payloads: Sequence[Payload], ctxs: Sequence[ClientContext], compile: bool = False) -> list[Payload] | None:
         """Every client of the cohort trains its own B through the same W and A."""
-        geo, model, cfg = self.geo, ctxs[0].model, ctxs[0].trainer.cfg
+        geo, model, trainer = self.geo, ctxs[0].model, ctxs[0].trainer
         starts = [ctx.replica if ctx.replica is not None else p for p, ctx in zip(payloads, ctxs)]
-        if cohort_supported(model, cfg) is not None or any(s is not starts[0] for s in starts) or any(p is not payloads[0] for p in payloads):
+        if any(s is not starts[0] for s in starts) or any(p is not payloads[0] for p in payloads):
             return None
         start = starts[0]
-        device = ctxs[0].data.x.device
+        device = ctxs[0].data.device
         shared = {n: start[n].to(device) for n in geo.layout.names}
         shared["@a"] = geo.a(int(payloads[0]["@seed"]), device)
-        cohort = self.cohort_trainer(model, cfg, build=self._build, compile=compile)
+        cohort = self.cohort_trainer(model, trainer, build=self._build, compile=compile)
         buffers = list(_float_buffers(model))  # BatchNorm statistics, uploaded as deltas
         first = {"B": torch.zeros(geo.k, device=device), **{n: start[n] for n in buffers}}
-        trained, stats = cohort.train([first] * len(ctxs), shared, [c.data for c in ctxs], [c.seed for c in ctxs], ctxs[0].trainer, ctxs[0].round)
+        trained, stats = cohort.train([first] * len(ctxs), shared, [c.data for c in ctxs], [c.seed for c in ctxs], trainer, ctxs[0].round)
         out = []
         with torch.no_grad():
             for t, st, ctx in zip(trained, stats, ctxs):
@@ -241,13 +287,37 @@ class MapaClient(ClientHalf):
 
 
 @register
-class Mapa(Algorithm):
+@dataclass
+class MAPA(CompressionOptions, Algorithm):
+    """MAPA: the whole trainable update as one (ceil(d/k), k) matrix A B; only B's k numbers travel.
+
+    Args:
+        k: length of the trained projection vector B (and of the uplink), 1 to d.
+        sigma: std of A's entries; 0 = 1/sqrt(ceil(d/k)) (so E||A||^2 = 1).
+        fresh_a: a new A from each round's seed (MAPA), or one A for the run (frozen).
+        a_dist: ``"gaussian"``, or ``"ones"`` (A = 1, for checking the algebra).
+        compressor, ...: an uplink compressor applied to B (see :class:`FedAvg`).
+    """
+
     name = "mapa"
-    Options = MapaOptions
     default_client_kind = "stateful"  # the paper broadcasts a seed and B_bar to every client
 
+    k: int = 64
+    sigma: float = 0.0
+    fresh_a: bool = True
+    a_dist: str = "gaussian"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.k < 1:
+            raise ConfigError(f"algorithm.k = {self.k}: must be >= 1")
+        if not 0 <= self.sigma < math.inf:
+            raise ConfigError(f"algorithm.sigma = {self.sigma}: must be >= 0 and finite (0 = 1/sqrt(ceil(d/k)))")
+        if self.a_dist not in ("gaussian", "ones"):
+            raise ConfigError(f"algorithm.a_dist = {self.a_dist!r}: must be one of gaussian, ones")
+
     def make_server(self, model: nn.Module, ctx: RunContext) -> ServerHalf:
-        return MapaServer(model, _Geometry(model, self.options), ctx.seed, UplinkCodec(self.options))
+        return MapaServer(model, _Geometry(model, self), ctx.seed, UplinkCodec(self))
 
     def make_client(self, model: nn.Module, ctx: RunContext) -> ClientHalf:
-        return MapaClient(_Geometry(model, self.options), UplinkCodec(self.options))
+        return MapaClient(model, _Geometry(model, self), UplinkCodec(self))

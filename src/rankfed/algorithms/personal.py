@@ -28,20 +28,20 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
-from rankfed.algorithms.base import Algorithm, ClientContext, ClientHalf, RunContext, ServerHalf, client_uplink, register, train_cross_entropy
+from rankfed.algorithms.base import Algorithm, register
 from rankfed.algorithms.compression import UplinkCodec
-from rankfed.algorithms.lora import FedLoruOptions, LoraClient, LoraOptions, LoraServer, build_lora_model
-from rankfed.config import ConfigError
-from rankfed.lowrank import lora_layers
-from rankfed.lowrank.layers import _kaiming_down_zero_up
-from rankfed.sim.trainer import LocalTrainer
+from rankfed.algorithms.lora import FedLoRU, LoraClient, LoraOptions, LoraServer, build_lora_model, warn_large_factors
+from rankfed.errors import ConfigError
+from rankfed.local import LocalTrainer, call_model, logits_of
+from rankfed.local.task import accuracy_counts
+from rankfed.lowrank import kaiming_down_zero_up, lora_layers
+from rankfed.protocol import ClientContext, ClientHalf, RunContext, ServerHalf, client_uplink, derive_seed
 from rankfed.wire import Payload
 
-__all__ = ["PFedLoru", "PFedLora", "PFedLoruOptions", "PFedLoraOptions", "PersonalClient"]
+__all__ = ["PFedLoRU", "PFedLoRA", "PersonalClient"]
 
 
 def _check_personal(opts) -> None:
@@ -49,41 +49,12 @@ def _check_personal(opts) -> None:
         raise ConfigError(f"algorithm.personal_epochs = {opts.personal_epochs}: must be >= 0")
 
 
-@dataclass
-class PFedLoruOptions(FedLoruOptions):
-    personal_rank: int = 8  # rank of each client's personal pair L, U
-    personal_alpha: float = 0.0  # personal scale alpha_per / personal_rank; 0 = personal_rank
-    personal_epochs: int = 1  # E_per: epochs on L, U before the [client] epochs (E_global) on A, B
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.personal_rank < 1:
-            raise ConfigError(f"algorithm.personal_rank = {self.personal_rank}: must be >= 1")
-        if not 0 <= self.personal_alpha < math.inf:
-            raise ConfigError(f"algorithm.personal_alpha = {self.personal_alpha}: must be >= 0 and finite (0 = personal_rank)")
-        _check_personal(self)
-
-
-@dataclass
-class PFedLoraOptions(LoraOptions):
-    """``rank``/``alpha`` are the personal pair's; the global model is trained in full."""
-
-    variant: int = 2  # 1: personal then global epochs; 2: both together (the paper's modified version)
-    personal_epochs: int = 1  # E_per (variant 2 trains E_per + E_global epochs on everything)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.variant not in (1, 2):
-            raise ConfigError(f"algorithm.variant = {self.variant!r}: must be 1 or 2")
-        _check_personal(self)
-
-
 def _personal_seed(run_seed: int, client_id: int) -> int:
-    return int(np.random.SeedSequence([run_seed, client_id, 0x50455253]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+    return derive_seed(run_seed, client_id, 0x50455253)
 
 
 def _epochs_trainer(trainer: LocalTrainer, epochs: int) -> LocalTrainer:
-    return LocalTrainer(dataclasses.replace(trainer.cfg, local_epochs=epochs, local_steps=0), trainer.total_rounds, trainer.seed)
+    return LocalTrainer(dataclasses.replace(trainer.cfg, epochs=epochs, steps=0), trainer.total_rounds, trainer.seed, trainer.task)
 
 
 class PersonalClient(LoraClient):
@@ -109,7 +80,7 @@ class PersonalClient(LoraClient):
             gen = torch.Generator().manual_seed(_personal_seed(self.run_seed, ctx.client_id))
             tensors = list(self.personal.values())  # (down, up) pairs in module order
             for down, up in zip(tensors[0::2], tensors[1::2]):
-                _kaiming_down_zero_up(down, up, gen)
+                kaiming_down_zero_up(down, up, gen)
             return
         with torch.no_grad():
             for name, t in self.personal.items():
@@ -128,9 +99,9 @@ class PersonalClient(LoraClient):
         if self.mode == "joint":  # pFedLoRA(2): W, L, U together for E_per + E_global epochs
             for t in personal_params:
                 t.requires_grad_(True)
-            epochs = ctx.trainer.cfg.local_epochs + self.personal_epochs
-            trainer = ctx.trainer if ctx.trainer.cfg.local_steps or not self.personal_epochs else _epochs_trainer(ctx.trainer, epochs)
-            stats = train_cross_entropy(model, dataclasses.replace(ctx, trainer=trainer), params=shared_params + personal_params)
+            epochs = ctx.trainer.cfg.epochs + self.personal_epochs
+            trainer = ctx.trainer if ctx.trainer.cfg.steps or not self.personal_epochs else _epochs_trainer(ctx.trainer, epochs)
+            stats = trainer.train(model, ctx.data, ctx.round, ctx.seed, params=shared_params + personal_params)
         else:
             if self.personal_epochs:  # eq. (12) / (38): the personal pair, the shared part frozen
                 for t in personal_params:
@@ -138,13 +109,13 @@ class PersonalClient(LoraClient):
                 for t in shared_params:
                     t.requires_grad_(False)
                 # Its own batch order: the id offset only changes the seed the context derives.
-                per_ctx = dataclasses.replace(ctx, trainer=_epochs_trainer(ctx.trainer, self.personal_epochs), client_id=ctx.client_id + (1 << 40))
-                train_cross_entropy(model, per_ctx, params=personal_params)
+                per_seed = dataclasses.replace(ctx, client_id=ctx.client_id + (1 << 40)).seed
+                _epochs_trainer(ctx.trainer, self.personal_epochs).train(model, ctx.data, ctx.round, per_seed, params=personal_params)
                 for t in shared_params:
                     t.requires_grad_(True)
             for t in personal_params:  # eq. (13) / (39): the shared part, the personal pair frozen
                 t.requires_grad_(False)
-            stats = train_cross_entropy(model, ctx, params=shared_params)
+            stats = ctx.trainer.train(model, ctx.data, ctx.round, ctx.seed, params=shared_params)
         for t in personal_params:
             t.requires_grad_(False)
         self._save_personal(ctx)
@@ -154,17 +125,26 @@ class PersonalClient(LoraClient):
 
     @torch.no_grad()
     def evaluate_personal(self, payload: Payload, ctx: ClientContext) -> tuple[int, int]:
-        """(correct, count) of this client's personalised model on its held-out split."""
+        """(correct, count) of this client's personalised model on its held-out split (per
+        token for token-level outputs; (0, 0) without a split or where accuracy means nothing)."""
         data = ctx.data
-        if data.val_y.numel() == 0:
+        if data.num_val == 0:
             return 0, 0
         self._load(ctx.replica if ctx.replica is not None else payload)
         self._load_personal(ctx)
+        was = self.model.training
         self.model.eval()
-        correct = 0
-        for i in range(0, data.val_y.numel(), 1024):
-            correct += int((self.model(data.val_x[i : i + 1024]).argmax(1) == data.val_y[i : i + 1024]).sum())
-        return correct, int(data.val_y.numel())
+        correct = count = 0
+        try:
+            for x, y in data.batches(1024, split="val"):
+                counts = accuracy_counts(logits_of(call_model(self.model, x)), y)
+                if counts is None:
+                    return 0, 0
+                correct += int(counts[0])
+                count += int(counts[1])
+        finally:
+            self.model.train(was)
+        return correct, count
 
 
 def _personal_pairs(wrapped: nn.Module, *, own_pair: bool) -> dict[str, torch.Tensor]:
@@ -180,20 +160,40 @@ def _personal_pairs(wrapped: nn.Module, *, own_pair: bool) -> dict[str, torch.Te
 
 
 @register
-class PFedLoru(Algorithm):
-    """pFedLoRU: FedLoRU's global factors, plus personal factors that stay on each client."""
+@dataclass
+class PFedLoRU(FedLoRU):
+    """pFedLoRU (FedLoRU paper, Algorithm 2): FedLoRU's global factors, plus a personal pair per
+    factorised layer that stays on each client (never in a payload).
+
+    Args:
+        personal_rank: rank of each client's personal pair L, U.
+        personal_alpha: the personal scale is personal_alpha / personal_rank (0: = personal_rank).
+        personal_epochs: epochs on L, U (A, B frozen) before the round's epochs on A, B.
+        rank, alpha, patterns, exclude, train_bias, tau, reinit, compressor: as :class:`FedLoRU`.
+    """
 
     name = "pfedloru"
-    Options = PFedLoruOptions
     default_client_kind = "stateful"  # as FedLoRU: clients keep W and merge locally
 
+    personal_rank: int = 8
+    personal_alpha: float = 0.0
+    personal_epochs: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.personal_rank < 1:
+            raise ConfigError(f"algorithm.personal_rank = {self.personal_rank}: must be >= 1")
+        if not 0 <= self.personal_alpha < math.inf:
+            raise ConfigError(f"algorithm.personal_alpha = {self.personal_alpha}: must be >= 0 and finite (0 = personal_rank)")
+        _check_personal(self)
+
     def make_server(self, model: nn.Module, ctx: RunContext) -> ServerHalf:
-        o = self.options
-        wrapped = build_lora_model(model, o, ctx.seed, freeze_down=False)
-        return LoraServer(wrapped, UplinkCodec(o), ctx.seed, o.tau, o.reinit)
+        wrapped = build_lora_model(model, self, ctx.seed, freeze_down=False)
+        warn_large_factors(wrapped)
+        return LoraServer(wrapped, UplinkCodec(self), ctx.seed, self.tau, self.reinit)
 
     def make_client(self, model: nn.Module, ctx: RunContext) -> ClientHalf:
-        o = self.options
+        o = self
         wrapped = build_lora_model(model, o, ctx.seed, freeze_down=False)
         try:
             for layer in lora_layers(wrapped).values():
@@ -207,26 +207,45 @@ class PFedLoru(Algorithm):
 
 
 @register
-class PFedLora(Algorithm):
-    """pFedLoRA(1)/(2): the full model is shared and averaged; personal factors stay on each client."""
+@dataclass
+class PFedLoRA(LoraOptions, Algorithm):
+    """pFedLoRA(1)/(2) (FedLoRU paper, Algorithm 4): the full model is shared and averaged; each
+    client keeps a personal low-rank pair on the selected layers.
+
+    Args:
+        rank, alpha, patterns, exclude: the personal pair's (as :class:`FedLoRA`'s factors).
+        variant: 1: personal epochs, then the round's epochs on the shared model; 2: both
+            together for personal_epochs + the round's epochs (the paper's modified version).
+        personal_epochs: E_per.
+    """
 
     name = "pfedlora"
-    Options = PFedLoraOptions
+
+    variant: int = 2
+    personal_epochs: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.variant not in (1, 2):
+            raise ConfigError(f"algorithm.variant = {self.variant!r}: must be 1 or 2")
+        _check_personal(self)
 
     def _wrapped(self, model: nn.Module, ctx: RunContext) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-        wrapped = build_lora_model(model, self.options, ctx.seed, freeze_down=False)
+        wrapped = build_lora_model(model, self, ctx.seed, freeze_down=False)
         personal = _personal_pairs(wrapped, own_pair=True)
-        for layer in lora_layers(wrapped).values():
-            layer.base_layer.weight.requires_grad_(True)  # W itself trains and is shared
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        for name, layer in lora_layers(wrapped).items():
+            # W itself trains and is shared (unless the user froze it)
+            layer.base_layer.weight.requires_grad_(f"{name}.weight" in trainable)
         return wrapped, personal
 
     def make_server(self, model: nn.Module, ctx: RunContext) -> ServerHalf:
         wrapped, personal = self._wrapped(model, ctx)
         for t in personal.values():
             t.requires_grad_(False)  # the server's pair stays at zero: never shared
-        return LoraServer(wrapped, UplinkCodec(self.options), ctx.seed)
+        return LoraServer(wrapped, UplinkCodec(self), ctx.seed)
 
     def make_client(self, model: nn.Module, ctx: RunContext) -> ClientHalf:
         wrapped, personal = self._wrapped(model, ctx)
-        mode = "joint" if self.options.variant == 2 else "alternate"
-        return PersonalClient(wrapped, personal, UplinkCodec(self.options), ctx.seed, self.options.personal_epochs, mode)
+        mode = "joint" if self.variant == 2 else "alternate"
+        return PersonalClient(wrapped, personal, UplinkCodec(self), ctx.seed, self.personal_epochs, mode)

@@ -23,9 +23,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jvp
+
+from rankfed.local import Task, call_model
 
 __all__ = ["HessianOperator", "lanczos_extremes", "hutchinson_frobenius_sq", "StableRank", "stable_rank", "model_hessian"]
 
@@ -50,10 +51,11 @@ class HessianOperator:
         return jvp(self._grad, (self.theta0,), (v.to(self.theta0.dtype),))[1].detach()
 
 
-def model_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 0) -> HessianOperator:
-    """The Hessian of the mean cross-entropy of ``model`` on ``(x, y)`` w.r.t. its trainable
-    parameters (buffers fixed). ``batch_size`` > 0 evaluates the loss in chunks of that many
-    samples (same value, less memory)."""
+def model_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 0, task: Task | None = None) -> HessianOperator:
+    """The Hessian of the task's mean loss (default cross-entropy) of ``model`` on ``(x, y)``
+    w.r.t. its trainable parameters (buffers fixed). ``batch_size`` > 0 evaluates the loss in
+    chunks of that many samples (same value, less memory)."""
+    task = task if task is not None else Task()
     model.eval()
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     params = dict(model.named_parameters())
@@ -68,10 +70,12 @@ def model_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size
         parts = torch.split(theta, sizes)
         p = {name: t.view(shape) for name, t, shape in zip(names, parts, shapes)}
         total = theta.new_zeros(())
+        count = 0
         for s in range(0, n, chunk):
-            logits = functional_call(model, {**p, **buffers}, (x[s : s + chunk],))
-            total = total + F.cross_entropy(logits, y[s : s + chunk], reduction="sum")
-        return total / n
+            out = call_model(lambda *a, **k: functional_call(model, {**p, **buffers}, a, k), x[s : s + chunk])
+            part, c = task.loss_sum(out, y[s : s + chunk])
+            total, count = total + part, count + c
+        return total / count
 
     return HessianOperator(loss, theta0)
 

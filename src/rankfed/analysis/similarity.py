@@ -18,19 +18,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rankfed.data import ClientData
+from rankfed.local import ClientData, Task, call_model
 
 __all__ = ["client_gradient", "low_rank", "mean_pairwise_cosine", "GradientSimilarity", "gradient_similarity"]
 
 
-def client_gradient(model: nn.Module, data: ClientData, batch_size: int = 1024) -> dict[str, torch.Tensor]:
-    """The gradient of the mean cross-entropy on all of ``data`` (eval mode), by parameter name."""
+def client_gradient(model: nn.Module, data: ClientData, batch_size: int = 1024, task: Task | None = None) -> dict[str, torch.Tensor]:
+    """The gradient of the task's mean loss (default cross-entropy) on all of ``data`` (eval
+    mode), by parameter name."""
+    task = task if task is not None else Task()
     model.eval()
     model.zero_grad(set_to_none=True)
-    n = data.num_samples
-    for s in range(0, n, batch_size):
-        loss = F.cross_entropy(model(data.x[s : s + batch_size]), data.y[s : s + batch_size], reduction="sum") / n
-        loss.backward()
+    count = max(sum(task.count(y) for _, y in data.batches(batch_size)), 1)
+    for x, y in data.batches(batch_size):  # each chunk's share of the mean, backpropagated alone
+        s, _ = task.loss_sum(call_model(model, x), y)
+        (s / count).backward()
     return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
@@ -62,12 +64,13 @@ class GradientSimilarity:
     per_layer: dict[str, dict[str, float]] = field(default_factory=dict)  # layer -> {"full", "low_rank", "shape"}
 
 
-def gradient_similarity(model: nn.Module, clients: dict[int, ClientData], rank: int) -> GradientSimilarity:
-    """Mean pairwise cosine similarity of the ``clients``' gradients at ``model``'s weights, in
-    full and at rank ``rank``, per layer (weights with 2 or more dimensions) and over all of them."""
+def gradient_similarity(model: nn.Module, clients: dict[int, ClientData], rank: int, task: Task | None = None) -> GradientSimilarity:
+    """Mean pairwise cosine similarity of the ``clients``' gradients (of the task's loss) at
+    ``model``'s weights, in full and at rank ``rank``, per layer (weights with 2 or more
+    dimensions) and over all of them."""
     if rank < 1:
         raise ValueError(f"rank = {rank}: must be >= 1")
-    grads = {cid: client_gradient(model, d) for cid, d in clients.items()}
+    grads = {cid: client_gradient(model, d, task=task) for cid, d in clients.items()}
     names = [n for n, g in next(iter(grads.values())).items() if g.dim() >= 2]
     if not names:
         raise ValueError("the model has no weight matrices (parameters with 2 or more dimensions)")

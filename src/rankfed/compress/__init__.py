@@ -10,14 +10,19 @@ compressed update are measured, not estimated::
     entries, state = c.compress(update, state, seed)
     assert c.decompress(entries).keys() == update.keys()
 
-Families: :mod:`.base` (interface, identity, chain), :mod:`.sparsify` (top-k),
-:mod:`.quantize` (QSGD), :mod:`.feedback` (error feedback), :mod:`.build`
-(the ``"topk+qsgd"`` spelling).
+Families: :mod:`.base` (interface, identity, chain, the compressibility rule),
+:mod:`.sparsify` (top-k), :mod:`.quantize` (QSGD), :mod:`.feedback` (error feedback),
+:mod:`.lowrank_uplink` (PowerSGD and GreedyLore as a client's uplink compressor),
+:mod:`.lowrank` (the same two inside a data-parallel all-reduce), :mod:`.build` (the
+``"topk+qsgd"`` spelling of an experiment file). Compressors are algorithm options too::
+
+    rf.FedAvg(compressor=rf.compress.chain(rf.compress.topk(0.01), rf.compress.qsgd(8)))
 """
 
-from rankfed.compress.base import Compressor, EmptyState, chain, fold_seed, identity
+from rankfed.compress.base import CHAINABLE, LOW_RANK, Compressor, EmptyState, chain, fold_seed, identity, low_rank_pays, matrix_dims
 from rankfed.compress.build import COMPRESSORS, build_compressor
 from rankfed.compress.feedback import ErrorFeedbackState, error_feedback
+from rankfed.compress.lowrank_uplink import greedylore_uplink, powersgd_uplink
 from rankfed.compress.quantize import qsgd
 from rankfed.compress.sparsify import topk
 
@@ -30,7 +35,13 @@ __all__ = [
     "topk",
     "qsgd",
     "error_feedback",
+    "powersgd_uplink",
+    "greedylore_uplink",
     "build_compressor",
     "COMPRESSORS",
+    "CHAINABLE",
+    "LOW_RANK",
     "fold_seed",
+    "low_rank_pays",
+    "matrix_dims",
 ]

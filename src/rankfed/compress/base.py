@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Union
 
@@ -47,7 +47,18 @@ __all__ = [
     "identity",
     "chain",
     "fold_seed",
+    "matrix_dims",
+    "low_rank_pays",
+    "CHAINABLE",
+    "LOW_RANK",
 ]
+
+# rankfed's one list of compressor names. Chainable uplink compressors, joined by "+" in an
+# experiment file ("topk+qsgd"), and the low-rank methods, used alone: as a client's uplink
+# compressor (rankfed.compress.lowrank_uplink) and inside a data-parallel all-reduce
+# (rankfed.compress.lowrank, rankfed.ddp).
+CHAINABLE = ("topk", "qsgd")
+LOW_RANK = ("powersgd", "greedylore")
 
 Tensors = dict[str, torch.Tensor]
 Entries = dict[str, Union[torch.Tensor, int, float]]
@@ -58,13 +69,37 @@ class Compressor:
     """Three pure functions and a name; see the module docstring for the contract.
 
     ``init(template) -> state``; ``compress(tensors, state, seed) -> (entries,
-    new_state)``; ``decompress(entries) -> tensors``.
+    new_state)``; ``decompress(entries) -> tensors``. ``config``: the experiment-file keys
+    that build the same compressor (``{"compressor": "topk+qsgd", "topk_ratio": 0.01,
+    "qsgd_bits": 8}``), or None when no experiment file can say it (``topk(k=5)``, a
+    compressor of your own).
     """
 
     name: str
     init: Callable[[Tensors], Any]
     compress: Callable[[Tensors, Any, int], tuple[Entries, Any]]
     decompress: Callable[[Entries], Tensors]
+    config: dict | None = field(default=None, compare=False)
+
+
+def matrix_dims(shape: Iterable[int]) -> tuple[int, int] | None:
+    """A tensor as the matrix low-rank methods see: (first dim, the rest) for 2-D or more
+    (a conv kernel (out, in, kh, kw) is (out, in*kh*kw)); None for scalars and vectors."""
+    shape = tuple(shape)
+    if len(shape) < 2:
+        return None
+    return shape[0], math.prod(shape[1:])
+
+
+def low_rank_pays(shape: Iterable[int], sent: int, min_saving: float = 2.0, *, strict: bool = False) -> bool:
+    """rankfed's one compressibility rule: a matrix is worth sending in a low-rank form of
+    ``sent`` numbers when that is ``min_saving`` times smaller than the matrix (``strict``:
+    more than that many times, as PyTorch's PowerSGD hook decides). Vectors never are."""
+    dims = matrix_dims(shape)
+    if dims is None:
+        return False
+    dense = dims[0] * dims[1]
+    return dense > min_saving * sent if strict else dense >= min_saving * sent
 
 
 @dataclass(frozen=True)
@@ -246,7 +281,7 @@ def _identity_decompress(entries: Mapping[str, Any]) -> dict[str, Any]:
 
 def identity() -> Compressor:
     """Send every tensor as it is (the FedAvg uplink); the reference the others are measured against."""
-    return Compressor("identity", empty_init, _identity_compress, _identity_decompress)
+    return Compressor("identity", empty_init, _identity_compress, _identity_decompress, {"compressor": ""})
 
 
 # --------------------------------------------------------------------------- chain
@@ -320,4 +355,23 @@ def chain(*compressors: Compressor) -> Compressor:
         partial(_chain_init, members),
         partial(_chain_compress, members),
         partial(_chain_decompress, members),
+        _chain_config(members),
     )
+
+
+def _chain_config(members: tuple[Compressor, ...]) -> dict | None:
+    """The experiment-file keys of a chain: its members' names joined by "+", when each member
+    has keys of its own kind and none repeats (an experiment file has one topk_ratio)."""
+    if not members:
+        return {"compressor": ""}
+    out: dict = {}
+    names = []
+    for c in members:
+        cfg = c.config
+        if cfg is None or not cfg.get("compressor") or "+" in cfg["compressor"] or cfg.get("error_feedback") or cfg["compressor"] in names:
+            return None
+        if cfg["compressor"] in LOW_RANK:
+            return None  # used alone, never in a chain
+        names.append(cfg["compressor"])
+        out |= {k: v for k, v in cfg.items() if k != "compressor"}
+    return {"compressor": "+".join(names), **out}

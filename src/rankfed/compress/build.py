@@ -8,15 +8,14 @@ so the residual covers everything the chain dropped.
 from __future__ import annotations
 
 from rankfed.compress import feedback as _feedback
-from rankfed.compress.base import Compressor, chain, identity
+from rankfed.compress.base import CHAINABLE, LOW_RANK, Compressor, chain, identity
 from rankfed.compress.quantize import check_bits, qsgd
 from rankfed.compress.sparsify import check_ratio, topk
 
 __all__ = ["COMPRESSORS", "build_compressor"]
 
-COMPRESSORS = ("topk", "qsgd")
-# Low-rank compressors carry their own error feedback and are used alone (not in a chain).
-LOWRANK = ("powersgd", "greedylore")
+COMPRESSORS = CHAINABLE
+LOWRANK = LOW_RANK  # low-rank compressors carry their own error feedback and are used alone (not in a chain)
 
 
 def build_compressor(

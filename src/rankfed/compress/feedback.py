@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from rankfed.compress.base import Compressor, Entries, check_tensors
+from rankfed.compress.base import LOW_RANK, Compressor, Entries, check_tensors
 
 __all__ = ["error_feedback", "ErrorFeedbackState"]
 
@@ -80,9 +80,12 @@ def error_feedback(compressor: Compressor) -> Compressor:
     """Wrap ``compressor`` with a residual; the entries (and so decompress) are the wrapped one's."""
     if not isinstance(compressor, Compressor):
         raise TypeError(f"error_feedback wraps a Compressor, got {type(compressor).__name__}")
+    cfg = compressor.config
+    ok = cfg is not None and cfg.get("compressor") not in ("", *LOW_RANK) and not cfg.get("error_feedback")
     return Compressor(
         f"ef({compressor.name})",
         partial(_ef_init, compressor),
         partial(_ef_compress, compressor),
         compressor.decompress,
+        {**cfg, "error_feedback": True} if ok else None,
     )

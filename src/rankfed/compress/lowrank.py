@@ -44,6 +44,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rankfed.compress.base import LOW_RANK, low_rank_pays, matrix_dims
+
 __all__ = ["allreduce_many", "AllReduce", "CompressionStats", "LowRankState", "powersgd", "greedylore", "dense", "ThreadGroup", "LOWRANK_COMPRESSORS"]
 
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
@@ -99,11 +101,13 @@ class _Base:
 
     def compressed(self, name: str, shape: torch.Size) -> bool:
         """2-D or more, and the compressed all-reduce sends ``min_saving`` times fewer numbers
-        than dense (counted as rank * (n + m) + min(n, m), an upper bound for both methods)."""
-        if self.name == "none" or len(shape) < 2:
+        than dense (counted as rank * (n + m) + min(n, m), an upper bound for both methods;
+        rankfed's one rule, :func:`~rankfed.compress.base.low_rank_pays`)."""
+        dims = matrix_dims(shape)
+        if self.name == "none" or dims is None:
             return False
-        n, m = shape[0], int(torch.Size(shape[1:]).numel())
-        return (self.rank * (n + m) + min(n, m)) * self.min_saving <= n * m
+        n, m = dims
+        return low_rank_pays(shape, self.rank * (n + m) + min(n, m), self.min_saving)
 
     def reduce(self, grads: Mapping[str, torch.Tensor], state: LowRankState, allreduce: AllReduce, seed: int = 0, count_step: bool = True) -> tuple[dict[str, torch.Tensor], LowRankState]:
         """This worker's gradients in, the gradients all workers use out (and the new state).
@@ -264,7 +268,7 @@ def greedylore(rank: int = 4, update_gap: int = 100, warmup_steps: int = 0, min_
     return _GreedyLore(rank, update_gap, warmup_steps, min_saving, exact_scores)
 
 
-LOWRANK_COMPRESSORS = {"none": dense, "powersgd": powersgd, "greedylore": greedylore}
+LOWRANK_COMPRESSORS = {"none": dense, **dict(zip(LOW_RANK, (powersgd, greedylore)))}
 
 
 class ThreadGroup:

@@ -27,10 +27,10 @@ from functools import partial
 
 import torch
 
-from rankfed.compress.base import Compressor, check_tensors, read_shape, shape_tensor
+from rankfed.compress.base import Compressor, check_tensors, low_rank_pays, matrix_dims, read_shape, shape_tensor
 from rankfed.compress.lowrank import _name_seed
 
-__all__ = ["LowRankUplinkState", "powersgd_uplink", "greedylore_uplink"]
+__all__ = ["LowRankUplinkState", "powersgd_uplink", "greedylore_uplink", "uplink_numbers"]
 
 
 @dataclass(frozen=True)
@@ -41,11 +41,15 @@ class LowRankUplinkState:
     uploads: int = 0
 
 
+def uplink_numbers(shape, rank: int) -> int:
+    """Numbers a low-rank upload of a matrix sends: the two factors, min(rank, n, m) (n + m)."""
+    n, m = matrix_dims(shape)
+    return min(rank, n, m) * (n + m)
+
+
 def _compressible(t: torch.Tensor, rank: int) -> bool:
-    if t.dim() < 2:
-        return False
-    n, m = t.shape[0], t.numel() // t.shape[0]
-    return 2 * min(rank, n, m) * (n + m) <= n * m
+    """At least 2x fewer numbers than the matrix (rankfed's rule, :func:`low_rank_pays`)."""
+    return t.dim() >= 2 and low_rank_pays(t.shape, uplink_numbers(t.shape, rank))
 
 
 def _init(template) -> LowRankUplinkState:
@@ -115,8 +119,10 @@ def _greedylore_compress(rank, update_gap, tensors, state, seed):
 
 
 def powersgd_uplink(rank: int = 4) -> Compressor:
-    return Compressor("powersgd", _init, partial(_powersgd_compress, rank), _decompress)
+    """PowerSGD as a client's uplink compressor (see the module docstring)."""
+    return Compressor("powersgd", _init, partial(_powersgd_compress, rank), _decompress, {"compressor": "powersgd", "compress_rank": rank})
 
 
 def greedylore_uplink(rank: int = 4, update_gap: int = 10) -> Compressor:
-    return Compressor("greedylore", _init, partial(_greedylore_compress, rank, update_gap), _decompress)
+    """GreedyLore as a client's uplink compressor (see the module docstring)."""
+    return Compressor("greedylore", _init, partial(_greedylore_compress, rank, update_gap), _decompress, {"compressor": "greedylore", "compress_rank": rank, "update_gap": update_gap})

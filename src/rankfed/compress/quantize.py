@@ -139,4 +139,4 @@ def _qsgd_decompress(bits: int, entries: dict[str, Any]) -> dict[str, Any]:
 def qsgd(bits: int = 8) -> Compressor:
     """QSGD with ``bits`` in {2, 4, 8} bits per value; see the module docstring."""
     bits = check_bits(bits)
-    return Compressor(f"qsgd(bits={bits})", empty_init, partial(_qsgd_compress, bits), partial(_qsgd_decompress, bits))
+    return Compressor(f"qsgd(bits={bits})", empty_init, partial(_qsgd_compress, bits), partial(_qsgd_decompress, bits), {"compressor": "qsgd", "qsgd_bits": bits})

@@ -101,4 +101,5 @@ def topk(ratio: float | None = None, k: int | None = None) -> Compressor:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"topk k must be an int >= 1, got {k!r}")
         name = f"topk(k={k})"
-    return Compressor(name, empty_init, partial(_topk_compress, ratio, k), _topk_decompress)
+    config = {"compressor": "topk", "topk_ratio": ratio} if ratio is not None else None
+    return Compressor(name, empty_init, partial(_topk_compress, ratio, k), _topk_decompress, config)

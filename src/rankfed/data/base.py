@@ -16,21 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from rankfed.errors import DataFormatError, DataNotFoundError
+
 __all__ = ["Dataset", "DataNotFoundError", "DataFormatError", "check_int_option", "check_number_option", "standardize"]
-
-
-class DataNotFoundError(FileNotFoundError):
-    """A dataset's files are not where the loader looked.
-
-    The message names the folder or file that was searched and how to obtain the data.
-    """
-
-
-class DataFormatError(ValueError):
-    """A dataset file exists but is corrupt, truncated or not in the expected format.
-
-    The message names the file and what is wrong with it.
-    """
 
 
 @dataclass(repr=False)

@@ -1,39 +1,16 @@
-"""Turning a :class:`Dataset` into per-client tensors."""
+"""Turning a :class:`Dataset` into per-client tensors (:class:`~rankfed.local.ClientData`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
+
+from rankfed.local.data import ClientData
 
 from .base import Dataset
 from .partition import holdout_split, partition
 
 __all__ = ["ClientData", "federate"]
-
-
-@dataclass(repr=False)
-class ClientData:
-    """One client's local data: its training samples and its own held-out split.
-
-    Tensors follow the layout of the source :class:`Dataset`; ``val_x``/``val_y`` may
-    be empty (``shape (0, ...)``) when no holdout is requested.
-    """
-
-    x: torch.Tensor
-    y: torch.Tensor
-    val_x: torch.Tensor
-    val_y: torch.Tensor
-
-    @property
-    def num_samples(self) -> int:
-        """Number of local training samples (the weight of this client in FedAvg)."""
-        return len(self.y)
-
-    def __repr__(self) -> str:
-        shape = tuple(self.x.shape)
-        return f"ClientData(train={len(self.y)}, val={len(self.val_y)}, x={shape} {self.x.dtype})"
 
 
 def federate(

@@ -1,33 +1,48 @@
-"""The Flower ServerApp and ClientApp that run any rankfed experiment.
+"""Flower ServerApp and ClientApp from a factory: your own model and data on a real Flower deployment.
 
-Both read the experiment from the run config (``experiment``: the experiment
-file's text, so every machine runs the same one) and, on the server, the run
-folder to write (``out-dir``). A SuperNode learns which clients it hosts from
-its node config: ``partition-id`` and ``num-partitions`` (and, optionally,
-``data-dir``: where this machine keeps the dataset, overriding
-``task.data_dir``; and ``rankfed-fault = "nan"``, fault injection for tests: the
-SuperNode's uploads carry NaN, which the server must drop).
+::
 
-Components, as a Flower App's ``pyproject.toml`` names them::
+    import rankfed as rf
+    from rankfed.flower import client_app, server_app
+
+    def make(context):                 # a flwr.app.Context: run_config, node_config, state
+        return rf.Federation(model=MyNet, clients=load_clients(), test=load_test(),
+                             algorithm=rf.FedLoRU(rank=8), seed=0)
+
+    server = server_app(make, rounds=20, clients_per_round=5)
+    client = client_app(make, rounds=20, clients_per_round=5)
+
+Name them in your Flower App's ``pyproject.toml`` (``rankfed.flower.write_app`` writes one)::
 
     [tool.flwr.app.components]
-    serverapp = "rankfed.flower.apps:server_app"
-    clientapp = "rankfed.flower.apps:client_app"
+    serverapp = "mypackage.app:server"
+    clientapp = "mypackage.app:client"
 
-Client-side state lives in the SuperNode's per-run ``Context.state``, since
-every message runs in a fresh ClientApp process: each hosted client's private
-state (error feedback, personal factors) and, for stateful algorithms, the
+(Flower checks those names by reading the module: give each its own ``name = ...`` line),
+and give the run config ``out-dir`` (the run folder the ServerApp writes: the same folder
+``Federation.run`` writes). The factory runs on the SuperLink's machine and on every SuperNode
+and must build the same federation everywhere (the same seed, the same client list); it may
+return ``(federation, options)`` to set the run options (``rounds``, ``clients_per_round``,
+``round_timeout``, ``connect_timeout``, and any :class:`~rankfed.server.RunOptions` key) per run.
+
+A SuperNode learns which clients it hosts from its node config: ``partition-id`` and
+``num-partitions`` (client c on the SuperNode with ``c % num-partitions == partition-id``;
+``rankfed-fault = "nan"`` is fault injection for tests). Client-side state lives in the
+SuperNode's per-run ``Context.state``, since every message runs in a fresh ClientApp
+process: each hosted client's private state (error feedback, personal factors), its data's
+tensors (so later messages need not load the data again) and, for stateful algorithms, the
 SuperNode's replica of the global model with the round it was last synced to.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import time
 import traceback
+from collections.abc import Callable
 from logging import INFO
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -35,53 +50,68 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
-from rankfed.algorithms.base import ClientContext
-from rankfed.config import ConfigError, ExperimentConfig, parse_config, tomllib
-from rankfed.data import ClientData
-from rankfed.sim.simulator import Diverged, _to_device
-from rankfed.sim.trainer import LocalTrainer
+from rankfed.errors import ConfigError, Diverged
+from rankfed.local import ClientData
+from rankfed.protocol import ClientContext, RunContext
+from rankfed.server import RunFolder, RunOptions, summarize
 
 from .records import payload_to_records, records_to_payload
 from .strategy import META, QuickPollGrid, RankfedStrategy, hosted_clients
 
-__all__ = ["server_app", "client_app", "experiment_from_run_config"]
+__all__ = ["server_app", "client_app", "serve", "client_train", "client_evaluate", "hello", "FLOWER_OPTIONS"]
 
-_DATA_META = "rankfed.data.meta"  # Context.state: the hosted clients' data is cached under rankfed.data.<cid>
+FLOWER_OPTIONS = {"round_timeout": 600.0, "connect_timeout": 120.0}  # seconds
+_DATA = "rankfed.data"  # Context.state: this SuperNode's clients' data, rankfed.data.<cid>
+Factory = Callable[[Context], Any]
 
-server_app = ServerApp()
-client_app = ClientApp()
+
+def _resolve(factory: Factory, context: Context, defaults: dict) -> tuple[Any, dict]:
+    """The federation the factory builds for ``context`` and the run options (defaults, then
+    the factory's own)."""
+    made = factory(context)
+    fed, own = made if isinstance(made, tuple) else (made, {})
+    if not hasattr(fed, "experiment"):
+        raise ConfigError(f"the Flower factory returned a {type(fed).__name__}, not a rankfed.Federation")
+    options = {**defaults, **own}
+    if "rounds" not in options:
+        raise ConfigError("the Flower apps need the number of rounds: server_app(factory, rounds=...) and client_app(factory, rounds=...) or a factory returning (federation, {'rounds': ...})")
+    return fed, options
 
 
-def experiment_from_run_config(run_config) -> ExperimentConfig:
-    text = run_config.get("experiment", "")
-    if not text:
-        raise ConfigError("the Flower run config has no 'experiment' (the experiment file's text); submit runs with `rankfed flower run`")
-    return parse_config(tomllib.loads(str(text)))
+def _split(options: dict) -> tuple[int, int | None, dict, dict]:
+    """(rounds, clients_per_round, RunOptions keywords, Flower timeouts) of the run options."""
+    options = dict(options)
+    rounds, per_round = options.pop("rounds"), options.pop("clients_per_round", None)
+    flower = {k: float(options.pop(k, v)) for k, v in FLOWER_OPTIONS.items()}
+    for key, value in flower.items():
+        if not value > 0:
+            raise ConfigError(f"flower.{key} = {value!r}: must be > 0 (seconds)")
+    unknown = set(options) - set(RunOptions.__dataclass_fields__)
+    if unknown:
+        raise ConfigError(f"unknown run option(s) {', '.join(sorted(unknown))} for the Flower apps")
+    return rounds, per_round, options, flower
 
 
 # -- server ----------------------------------------------------------------------------------------
-@server_app.main()
-def main(grid: Grid, context: Context) -> None:
-    from rankfed.runner import RunFolder, build_experiment, summarize
-    from rankfed.config import to_toml
-
+def serve(grid: Grid, context: Context, fed, options: dict) -> dict:
+    """Run ``fed`` as the ServerApp over ``grid``: write the run folder named by the run config's
+    ``out-dir`` and return the summary."""
     out = str(context.run_config.get("out-dir", ""))
     if not out:
         raise ConfigError("the Flower run config has no 'out-dir' (the run folder to write)")
     folder = RunFolder(out, overwrite=True)  # the submitter checked and cleared it
     t0 = time.perf_counter()
     status: dict = {"status": "failed"}
-    strategy = None
-    exp = None
+    strategy = exp = None
     try:
-        cfg = experiment_from_run_config(context.run_config)
-        folder.write_text("config.toml", to_toml(cfg))
-        exp = build_experiment(cfg)
+        rounds, per_round, run_options, flower = _split(options)
+        exp = fed.experiment(rounds, per_round, **run_options)
+        folder.write_text("config.toml", exp.config_text)
         strategy = RankfedStrategy(exp, on_round=folder.on_round, on_checkpoint=folder.save_checkpoint)
         grid = QuickPollGrid(grid)
-        strategy.connect(grid, cfg.flower.connect_timeout)
+        strategy.connect(grid, flower["connect_timeout"])
         try:
-            strategy.start(grid, ArrayRecord(), num_rounds=cfg.federation.rounds, timeout=cfg.flower.round_timeout, evaluate_fn=strategy.evaluate_global)
+            strategy.start(grid, ArrayRecord(), num_rounds=rounds, timeout=flower["round_timeout"], evaluate_fn=strategy.evaluate_global)
             status = {"status": "completed"}
         except Diverged as e:
             status = {"status": "diverged", "diverged_at_round": e.round, "diverged": str(e)}
@@ -104,47 +134,51 @@ def main(grid: Grid, context: Context) -> None:
             }
         else:
             summary = {"transport": "flower"}
-        folder.write_text("summary.json", json.dumps(summary | status, indent=2) + "\n")
+        folder.write_summary(summary | status)
+    return summary | status
 
 
 # -- client ----------------------------------------------------------------------------------------
-class _Node:
-    """One SuperNode's view of the experiment: its clients' data, the model, the client half.
+class Node:
+    """One SuperNode's view of the federation: its clients' data, the model, the client half.
 
-    The first message of a run loads the dataset and keeps this SuperNode's clients' tensors
-    in the run's ``Context.state``; later messages (each a fresh process) read them from there
-    instead of loading and splitting the whole dataset again.
+    The first message of a run reads this SuperNode's clients' data from the federation and
+    keeps their tensors in the run's ``Context.state``; later messages (each a fresh process)
+    read them from there.
     """
 
-    def __init__(self, context: Context):
-        from rankfed.runner import build_experiment, build_run_parts, client_kind
-
-        cfg = experiment_from_run_config(context.run_config)
-        data_dir = context.node_config.get("data-dir")
-        if data_dir:
-            cfg = dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, data_dir=str(data_dir)))
+    def __init__(self, context: Context, fed, options: dict):
         self.partition_id = int(context.node_config.get("partition-id", 0))
         self.num_partitions = int(context.node_config.get("num-partitions", 1))
-        self.clients = hosted_clients(cfg.federation.clients, self.partition_id, self.num_partitions)
-        meta = context.state.get(_DATA_META)
-        if meta is None:
-            exp = build_experiment(cfg)
-            model, algorithm, ctx, kind = exp.model, exp.algorithm, exp.ctx, exp.client_kind
-            data = {cid: exp.clients[cid] for cid in self.clients}
-            context.state[_DATA_META] = ConfigRecord({"input_shape": list(exp.dataset.input_shape), "num_classes": exp.dataset.num_classes})
-            for cid, d in data.items():
-                for name, rec in payload_to_records(dataclasses.asdict(d), f"rankfed.data.{cid}").items():
-                    context.state[name] = rec
-        else:
-            model, _, algorithm, ctx = build_run_parts(cfg, tuple(meta["input_shape"]), int(meta["num_classes"]))
-            data = {cid: ClientData(**records_to_payload(context.state, f"rankfed.data.{cid}")) for cid in self.clients}
-            kind = client_kind(cfg, algorithm)
-        dev = ctx.device
-        self.model = model.to(dev)
-        self.client = algorithm.make_client(self.model, ctx)
-        self.trainer = LocalTrainer(ctx.client, ctx.rounds, ctx.seed)
-        self.data = {cid: _to_device(d, dev) for cid, d in data.items()}
-        self.kind = kind
+        self.clients = hosted_clients(fed.num_clients, self.partition_id, self.num_partitions)
+        rounds, _, run_options, _ = _split(options)
+        run = RunOptions(rounds=rounds, **run_options)
+        self.data = _cached_data(context, self.clients)
+        if self.data is None:
+            clients, _ = fed.data()
+            self.data = {cid: clients[cid] for cid in self.clients}
+            _cache_data(context, self.data)
+        ctx = RunContext(num_clients=fed.num_clients, rounds=rounds, seed=fed.seed, local=fed.local, device=fed.device, task=fed.task)
+        self.model = fed.initial_model().to(ctx.device)
+        self.client = fed.algorithm.make_client(self.model, ctx)
+        self.trainer = ctx.trainer()
+        self.data = {cid: d.to(ctx.device) for cid, d in self.data.items()}
+        kind = run.client_kind
+        self.kind = fed.algorithm.default_client_kind if kind == "auto" else kind
+
+
+def _cached_data(context: Context, clients: list[int]) -> dict[int, ClientData] | None:
+    if f"{_DATA}.{clients[0]}.config" not in context.state:
+        return None
+    return {cid: ClientData.from_tensors(records_to_payload(context.state, f"{_DATA}.{cid}")) for cid in clients}
+
+
+def _cache_data(context: Context, data: dict[int, ClientData]) -> None:
+    if not all(d.in_memory for d in data.values()):
+        return  # streamed data is read from the federation every time
+    for cid, d in data.items():
+        for name, rec in payload_to_records(d.tensors(), f"{_DATA}.{cid}").items():
+            context.state[name] = rec
 
 
 def _load_state(context: Context, cid: int) -> dict:
@@ -161,7 +195,7 @@ def _save_state(context: Context, cid: int, state: dict) -> None:
         context.state[f"rankfed.client.{cid}"] = ConfigRecord({"state": buf.getvalue()})
 
 
-def _replica(node: _Node, context: Context, rnd: int, broadcast) -> dict[str, torch.Tensor] | None:
+def _replica(node: Node, context: Context, rnd: int, broadcast) -> dict[str, torch.Tensor] | None:
     """Stateful kinds: this SuperNode's replica, brought up to round ``rnd`` with ``broadcast``."""
     if node.kind != "stateful":
         return None
@@ -181,16 +215,14 @@ def _replica(node: _Node, context: Context, rnd: int, broadcast) -> dict[str, to
     return replica
 
 
-@client_app.query()
 def hello(msg: Message, context: Context) -> Message:
     """The start-up handshake: which partition this SuperNode is."""
     info = {"partition-id": int(context.node_config.get("partition-id", 0)), "num-partitions": int(context.node_config.get("num-partitions", 1))}
     return Message(RecordDict({META: ConfigRecord(info)}), reply_to=msg)
 
 
-@client_app.train()
-def train(msg: Message, context: Context) -> Message:
-    node = _Node(context)
+def client_train(msg: Message, context: Context, node: Node) -> Message:
+    """Train this SuperNode's clients that the message names; reply with one uplink each."""
     meta = msg.content[META]
     rnd, cids = int(meta["round"]), [int(c) for c in meta["clients"]]
     broadcast = records_to_payload(msg.content, "broadcast") if node.kind == "stateful" else None
@@ -214,10 +246,8 @@ def train(msg: Message, context: Context) -> Message:
     return Message(RecordDict(out), reply_to=msg)
 
 
-@client_app.evaluate()
-def evaluate_personal(msg: Message, context: Context) -> Message:
+def client_evaluate(msg: Message, context: Context, node: Node) -> Message:
     """Each hosted client's own (personalised) model on its held-out split."""
-    node = _Node(context)
     rnd = int(msg.content[META]["round"])
     payload = records_to_payload(msg.content, "down.0") if "down.0.config" in msg.content else None
     replica = None
@@ -230,3 +260,42 @@ def evaluate_personal(msg: Message, context: Context) -> Message:
         correct.append(int(c))
         samples.append(int(n))
     return Message(RecordDict({META: ConfigRecord({"clients": node.clients, "correct": correct, "samples": samples})}), reply_to=msg)
+
+
+def server_app(factory: Factory, **options) -> ServerApp:
+    """A Flower ServerApp running the federation ``factory(context)`` builds (see the module
+    docstring). ``options``: ``rounds`` (required, here or from the factory),
+    ``clients_per_round``, ``round_timeout`` / ``connect_timeout`` (seconds), and any
+    :class:`~rankfed.server.RunOptions` keyword (``eval_every``, ``client_kind``, ...)."""
+    app = ServerApp()
+
+    @app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        out = str(context.run_config.get("out-dir", ""))
+        try:
+            fed, opts = _resolve(factory, context, options)
+        except Exception as e:  # the factory failed: say so in the run folder, where the submitter looks
+            if out:
+                RunFolder(out, overwrite=True).write_text("summary.json", json.dumps({"transport": "flower", "status": "failed", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}, indent=2) + "\n")
+            raise
+        serve(grid, context, fed, opts)
+
+    return app
+
+
+def client_app(factory: Factory, **options) -> ClientApp:
+    """The Flower ClientApp of :func:`server_app` (the same factory and options)."""
+    app = ClientApp()
+    app.query()(hello)
+
+    @app.train()
+    def _train(msg: Message, context: Context) -> Message:
+        fed, opts = _resolve(factory, context, options)
+        return client_train(msg, context, Node(context, fed, opts))
+
+    @app.evaluate()
+    def _evaluate(msg: Message, context: Context) -> Message:
+        fed, opts = _resolve(factory, context, options)
+        return client_evaluate(msg, context, Node(context, fed, opts))
+
+    return app

@@ -4,9 +4,10 @@
 ``flower-supernode`` processes on 127.0.0.1 (free ports, telemetry and update
 checks off, no runtime dependency installation) and stops every process it
 started, children included, when it leaves its ``with`` block: normally, on an
-error, or on Ctrl-C. :func:`submit` hands an experiment to a SuperLink (the
-local one, or a remote federation's) with ``flwr run`` and follows it until the
-run folder's summary appears.
+error, or on Ctrl-C. :func:`write_app` writes a Flower App folder (its
+``pyproject.toml`` naming the ServerApp and ClientApp); :func:`submit` hands an app
+and its run config to a SuperLink (the local one, or a remote federation's) with
+``flwr run`` and follows it until the run folder's summary appears.
 """
 
 from __future__ import annotations
@@ -25,46 +26,30 @@ from pathlib import Path
 
 import tomli_w
 
-from rankfed.config import ExperimentConfig, to_toml
-
 __all__ = ["LocalDeployment", "submit", "write_app", "FlowerRunError", "flower_env"]
 
-APP_PYPROJECT = """\
-[build-system]
-requires = ["setuptools>=68"]
-build-backend = "setuptools.build_meta"
-
-[project]
-name = "rankfed-flower"
-version = "0.1.0"
-description = "Runs a rankfed experiment (any algorithm) on a Flower federation"
-license = "Apache-2.0"
-dependencies = ["rankfed"]
-
-[tool.flwr.app]
-publisher = "rankfed"
-
-[tool.flwr.app.components]
-serverapp = "rankfed.flower.apps:server_app"
-clientapp = "rankfed.flower.apps:client_app"
-
-[tool.flwr.app.config]
-experiment = ""
-out-dir = ""
-command = ""
-"""
+# the Flower App of experiment files (rankfed.app.flower)
+TOML_APP = ("rankfed.app.flower:server_app", "rankfed.app.flower:client_app")
 
 
 class FlowerRunError(RuntimeError):
     """The Flower run failed or could not be started; the message says where its logs are."""
 
 
-def write_app(path: str | os.PathLike) -> Path:
-    """Write the Flower App that runs rankfed experiments (a ``pyproject.toml`` naming
-    :mod:`rankfed.flower.apps`) to ``path``; ``flwr run PATH ...`` submits it."""
+def write_app(path: str | os.PathLike, serverapp: str = TOML_APP[0], clientapp: str = TOML_APP[1], *, name: str = "rankfed-flower", config: dict | None = None) -> Path:
+    """Write a Flower App's ``pyproject.toml`` to folder ``path`` (``flwr run PATH`` submits the
+    folder, with any Python files in it): ``serverapp`` / ``clientapp`` are the components'
+    import paths (default: rankfed's app for experiment files), ``config`` the run config keys
+    and their defaults (``out-dir`` and ``command`` are always there)."""
     p = Path(path)
     p.mkdir(parents=True, exist_ok=True)
-    (p / "pyproject.toml").write_text(APP_PYPROJECT, encoding="utf-8")
+    run_config = {"out-dir": "", "command": "", **({"experiment": ""} if (serverapp, clientapp) == TOML_APP else {}), **(config or {})}
+    doc = {
+        "build-system": {"requires": ["setuptools>=68"], "build-backend": "setuptools.build_meta"},
+        "project": {"name": name, "version": "0.1.0", "description": "A rankfed federation on Flower", "license": "Apache-2.0", "dependencies": ["rankfed"]},
+        "tool": {"flwr": {"app": {"publisher": "rankfed", "components": {"serverapp": serverapp, "clientapp": clientapp}, "config": run_config}}},
+    }
+    (p / "pyproject.toml").write_text(tomli_w.dumps(doc), encoding="utf-8")
     return p
 
 
@@ -248,10 +233,11 @@ def _follow(out: Path, stream: subprocess.Popen, on_metrics: Callable[[dict], No
 
 
 def submit(
-    cfg: ExperimentConfig,
+    app: str | os.PathLike | None,
     out_dir: str | os.PathLike,
     superlink: str,
     *,
+    run_config: dict | None = None,
     env: dict[str, str] | None = None,
     insecure: bool = False,
     root_certificates: str | None = None,
@@ -259,7 +245,9 @@ def submit(
     on_metrics: Callable[[dict], None] | None = None,
     timeout: float | None = None,
 ) -> dict:
-    """Run ``cfg`` on the federation behind ``superlink`` (host:port) and return its summary.
+    """Run the Flower App folder ``app`` (None: rankfed's app for experiment files, given
+    ``run_config = {"experiment": text}``) on the federation behind ``superlink`` (host:port)
+    and return the run's summary.
 
     The ServerApp writes the run folder ``out_dir`` (a path on the SuperLink's machine; here,
     for a local deployment). ``flwr run``'s log stream goes to ``out_dir/flower-logs/flwr-run.log``.
@@ -276,9 +264,9 @@ def submit(
         if root_certificates:
             conn["root-certificates"] = str(Path(root_certificates).resolve())
         (home / "config.toml").write_text(tomli_w.dumps({"superlink": {"default": "rankfed", "rankfed": conn}}), encoding="utf-8")
-        app = write_app(tmp_p / "app")
+        app = write_app(tmp_p / "app") if app is None else Path(app).resolve()
         overrides = tmp_p / "run-config.toml"
-        overrides.write_text(tomli_w.dumps({"experiment": to_toml(cfg), "out-dir": str(out), "command": command or ""}), encoding="utf-8")
+        overrides.write_text(tomli_w.dumps({**(run_config or {}), "out-dir": str(out), "command": command or ""}), encoding="utf-8")
         run_env = dict(env or flower_env())
         run_env["FLWR_HOME"] = str(home)
         log = logs / "flwr-run.log"

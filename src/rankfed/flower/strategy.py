@@ -1,10 +1,11 @@
 """The server side of a rankfed run on Flower: a Strategy on Flower's Message API.
 
 :class:`RankfedStrategy` drives any rankfed algorithm's server half through
-:meth:`flwr.serverapp.strategy.Strategy.start`. It samples the round's clients
-exactly as the simulator does (:func:`rankfed.sim.simulator.sample_clients`),
-so for one seed a deployment and the simulator train the same clients on the
-same data from the same payloads and end with the same model.
+:meth:`flwr.serverapp.strategy.Strategy.start`. The round is the
+simulator's, :class:`rankfed.server.Rounds` (sampling, the downlink plan, checked
+aggregation, the byte ledger); this module only converts payloads to and from Flower
+messages. So for one seed a deployment and the simulator train the same clients on the same
+data from the same payloads and end with the same model.
 
 Clients and SuperNodes: the experiment's K clients are spread over the P
 SuperNodes by ``client_id % P == partition-id`` (one client per SuperNode when
@@ -17,7 +18,7 @@ Failures: a SuperNode that is gone (no heartbeat), replies with an error, or
 does not reply within ``flower.round_timeout`` costs the round its clients; the
 round aggregates what arrived if at least ``federation.min_clients`` valid
 uploads did, and is skipped (the global model unchanged) otherwise. Uploads
-are checked as in the simulator (:mod:`rankfed.algorithms.validate`); a bad
+are checked as in the simulator (:mod:`rankfed.server.validate`); a bad
 one counts as a failure ("bad upload: ..."). All are counted per round and in
 the summary.
 """
@@ -36,10 +37,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
-from rankfed.algorithms.validate import upload_limit
-from rankfed.runner import Experiment
-from rankfed.sim.simulator import RoundRecord, aggregate_round, evaluate, sample_clients
-from rankfed.wire import WireError, encode, encoded_size
+from rankfed.server import Downlink, Evaluator, Experiment, Rounds, upload_limit
+from rankfed.wire import WireError, encoded_size
 
 from .records import message_wire_bytes, payload_to_records, records_to_payload
 
@@ -99,12 +98,8 @@ class NodeMap:
 class _Round:
     """What the strategy sent in the round being run."""
 
-    rnd: int
-    ids: list[int]
-    t0: float
+    plan: Downlink
     clients_of_node: dict[int, list[int]]
-    down_sizes: dict[int, int]  # per sampled client: payload bytes of its downlink
-    broadcast_bytes: int
     flower_down: int
     failures: dict[int, str] = field(default_factory=dict)  # client id -> why it did not count
 
@@ -114,29 +109,40 @@ class RankfedStrategy(Strategy):
 
     def __init__(self, exp: Experiment, on_round=None, on_checkpoint=None):
         self.exp = exp
-        self.cfg = exp.cfg
+        self.options = exp.options
         self.ctx = exp.ctx
         self.kind = exp.client_kind
-        self.max_upload_bytes = upload_limit(exp.model)
-        self.server = exp.algorithm.make_server(exp.model.to(exp.ctx.device), exp.ctx)
-        self.client_half = exp.algorithm.make_client(exp.model, exp.ctx)  # for .personalized only
-        self.eval_model = copy.deepcopy(exp.model)
-        self.test_x = exp.dataset.test_x.to(exp.ctx.device)
-        self.test_y = exp.dataset.test_y.to(exp.ctx.device)
+        model = exp.model.to(exp.ctx.device)
+        server = exp.algorithm.make_server(model, exp.ctx)
+        self.rounds = Rounds(
+            server, num_clients=len(exp.clients), clients_per_round=exp.clients_per_round, seed=exp.ctx.seed,
+            client_kind=self.kind, min_clients=exp.options.min_clients, max_upload_bytes=upload_limit(model, server),
+        )  # fmt: skip
+        self.client_half = exp.algorithm.make_client(model, exp.ctx)  # for .personalized only
+        test = exp.test.to(exp.ctx.device) if exp.test is not None else None
+        self.evaluator = Evaluator(copy.deepcopy(model), test, exp.ctx.task, rounds=exp.ctx.rounds, eval_every=exp.options.eval_every, batch_size=exp.options.eval_batch_size)
         self.nodes: NodeMap | None = None
         self.on_round = on_round
-        self.on_checkpoint = on_checkpoint  # (round, global state) every federation.checkpoint_every rounds
-        if on_checkpoint is not None and self.cfg.federation.checkpoint_every:
+        self.on_checkpoint = on_checkpoint  # (round, global state) every checkpoint_every rounds
+        if on_checkpoint is not None and self.options.checkpoint_every:
             on_checkpoint(0, self.server.global_model_state())
-        self.history: list[RoundRecord] = []
-        self.cum_up = self.cum_down = self.cum_flower_up = self.cum_flower_down = 0
+        self.cum_flower_up = self.cum_flower_down = 0
         self.failures_total = 0
         self.failure_reasons: dict[str, int] = {}  # category ("error", "no reply ...", ...) -> count
         self.failure_examples: dict[str, str] = {}  # category -> the first such failure's message
         self.skipped_rounds: list[int] = []
         self._round: _Round | None = None
+        self._rec = None  # the round aggregated last, before evaluation
         self._global_state: dict[str, torch.Tensor] | None = None
         self._t_start: float | None = None
+
+    @property
+    def server(self):
+        return self.rounds.server
+
+    @property
+    def history(self):
+        return self.rounds.history
 
     # -- start-up ------------------------------------------------------------------------------
     def connect(self, grid: Grid, timeout: float) -> NodeMap:
@@ -178,15 +184,15 @@ class RankfedStrategy(Strategy):
     # -- Strategy --------------------------------------------------------------------------------
     def summary(self) -> None:
         log(INFO, "\t├── rankfed algorithm: %s (%s clients)", self.exp.algorithm.name, self.kind)
-        log(INFO, "\t└── %d clients, %d per round", self.ctx.num_clients, self.cfg.federation.clients_per_round)
+        log(INFO, "\t└── %d clients, %d per round", self.ctx.num_clients, self.exp.clients_per_round)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         assert self.nodes is not None, "connect() first"
         if self._t_start is None:
             self._t_start = time.perf_counter()
-        t0 = time.perf_counter()
         rnd = server_round
-        ids = sample_clients(self.ctx.seed, rnd, self.ctx.num_clients, self.cfg.federation.clients_per_round)
+        plan = self.rounds.downlink(rnd)
+        ids = plan.ids
         alive = set(grid.get_node_ids())
         clients_of_node: dict[int, list[int]] = {}
         failures: dict[int, str] = {}
@@ -196,41 +202,32 @@ class RankfedStrategy(Strategy):
                 clients_of_node.setdefault(node, []).append(cid)
             else:
                 failures[cid] = "node unavailable"
-        down_sizes: dict[int, int] = {}
-        broadcast_bytes = 0
         contents: dict[int, RecordDict] = {}
-        if self.kind == "stateful":
-            broadcast = self.server.broadcast(rnd)
-            broadcast_bytes = len(encode(broadcast))
-            records = payload_to_records(broadcast, "broadcast")
+        if plan.broadcast is not None:
+            records = payload_to_records(plan.broadcast, "broadcast")
             for node in self.nodes.node_of_partition.values():  # every replica must see every broadcast
                 if node in alive:
                     contents[node] = RecordDict({META: ConfigRecord({"round": rnd, "clients": clients_of_node.get(node, [])}), **records})
         else:
-            downlinks = self.server.configure(rnd, ids)
-            sizes: dict[int, int] = {}
-            for cid in ids:
-                sizes.setdefault(id(downlinks[cid]), len(encode(downlinks[cid])))
-                down_sizes[cid] = sizes[id(downlinks[cid])]
             for node, cids in clients_of_node.items():
-                # each distinct downlink object once per message (as the simulator serialises it once)
+                # each distinct downlink once per message (as the plan serialised it once)
                 index: dict[int, int] = {}
                 records: dict = {}
                 for cid in cids:
-                    key = id(downlinks[cid])
+                    key = plan.payload_of[cid]
                     if key not in index:
                         index[key] = len(index)
-                        records |= payload_to_records(downlinks[cid], f"down.{index[key]}")
-                meta = ConfigRecord({"round": rnd, "clients": cids, "downlink_of": [index[id(downlinks[c])] for c in cids]})
+                        records |= payload_to_records(plan.payloads[key], f"down.{index[key]}")
+                meta = ConfigRecord({"round": rnd, "clients": cids, "downlink_of": [index[plan.payload_of[c]] for c in cids]})
                 contents[node] = RecordDict({META: meta, **records})
         messages = [Message(content, dst_node_id=node, message_type="train") for node, content in contents.items()]
         flower_down = sum(message_wire_bytes(m) for m in messages)
-        self._round = _Round(rnd, ids, t0, clients_of_node, down_sizes, broadcast_bytes, flower_down, failures)
+        self._round = _Round(plan, clients_of_node, flower_down, failures)
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         r = self._round
-        assert r is not None and r.rnd == server_round
+        assert r is not None and r.plan.rnd == server_round
         uplinks: dict[int, tuple[dict, int]] = {}
         flower_up = 0
         answered: set[int] = set()
@@ -255,45 +252,23 @@ class RankfedStrategy(Strategy):
                 for cid in cids:
                     r.failures[cid] = "no reply within flower.round_timeout"
         arrived = sorted(uplinks)  # the simulator's order: ascending client id
-        min_clients = self.cfg.federation.min_clients
-        checked, self._global_state = aggregate_round(self.server, r.rnd, [(cid, uplinks[cid][0]) for cid in arrived], min_clients=min_clients, max_bytes=self.max_upload_bytes)
-        self.server, stats, ok, skipped = checked.server, checked.stats, checked.accepted, checked.skipped
-        for cid, why in checked.rejected.items():
+        rnd, min_clients = r.plan.rnd, self.options.min_clients
+        up_sizes = [uplinks[cid][1] for cid in arrived]  # bytes that crossed, bad uploads included
+        rec, self._global_state = self.rounds.aggregate(r.plan, [(cid, uplinks[cid][0]) for cid in arrived], up_sizes, arrived)
+        ok = [cid for cid in arrived if cid not in rec.rejected]
+        for cid, why in rec.rejected.items():
             r.failures[cid] = f"bad upload: {why}"
-        if skipped:
-            self.skipped_rounds.append(r.rnd)
-            log(WARNING, "rankfed: round %d skipped: %d of %d sampled clients sent a valid upload (federation.min_clients = %d)", r.rnd, len(ok), len(r.ids), min_clients)
+        if rec.skipped:
+            self.skipped_rounds.append(rnd)
+            log(WARNING, "rankfed: round %d skipped: %d of %d sampled clients sent a valid upload (federation.min_clients = %d)", rnd, 0, len(r.plan.ids), min_clients)
         for cid, why in sorted(r.failures.items()):
-            log(WARNING, "rankfed: round %d: client %d failed: %s", r.rnd, cid, why)
+            log(WARNING, "rankfed: round %d: client %d failed: %s", rnd, cid, why)
             self.failures_total += 1
             reason = why.split(":")[0]
             self.failure_reasons[reason] = self.failure_reasons.get(reason, 0) + 1
-            self.failure_examples.setdefault(reason, f"round {r.rnd}, client {cid}: {why.strip()[-400:]}")
-        up_sizes = [uplinks[cid][1] for cid in arrived]  # bytes that crossed, bad uploads included
-        down_sizes = [r.down_sizes[cid] for cid in r.ids if cid in r.down_sizes]
-        recipients = self.ctx.num_clients if self.kind == "stateful" else 0
-        down_total = sum(down_sizes) + r.broadcast_bytes * recipients
-        self.cum_up += sum(up_sizes)
-        self.cum_down += down_total
+            self.failure_examples.setdefault(reason, f"round {rnd}, client {cid}: {why.strip()[-400:]}")
         self.cum_flower_up += flower_up
         self.cum_flower_down += r.flower_down
-        rec = RoundRecord(
-            round=r.rnd,
-            clients=arrived,
-            uplink_bytes=sum(up_sizes),
-            downlink_bytes=down_total,
-            cum_uplink_bytes=self.cum_up,
-            cum_downlink_bytes=self.cum_down,
-            round_s=time.perf_counter() - r.t0,
-            wall_s=0.0,
-            train_loss=float(stats.get("train_loss", float("nan"))),
-            uplink_bytes_per_client=up_sizes,
-            downlink_bytes_per_client=down_sizes,
-            broadcast_bytes=r.broadcast_bytes,
-            broadcast_recipients=recipients,
-            rejected=checked.rejected,
-            skipped=skipped,
-        )
         rec.transport = {  # what Flower moved (message sizes), beside the payload bytes above
             "flower_uplink_bytes": flower_up,
             "flower_downlink_bytes": r.flower_down,
@@ -301,11 +276,11 @@ class RankfedStrategy(Strategy):
             "cum_flower_downlink_bytes": self.cum_flower_down,
             "failed_clients": len(r.failures),
         }
-        self.history.append(rec)
+        self._rec = rec
         return None, MetricRecord({"train_loss": rec.train_loss, "replied": len(ok), "failed": len(r.failures)})
 
     def _evaluating(self, rnd: int) -> bool:
-        return rnd % self.cfg.federation.eval_every == 0 or rnd == self.ctx.rounds
+        return self.evaluator.due(rnd)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """Personalised algorithms only: every SuperNode evaluates each of its clients' own model
@@ -331,31 +306,28 @@ class RankfedStrategy(Strategy):
                 continue
             meta = reply.content[META]
             accs += [c / n for c, n in zip(meta["correct"], meta["samples"]) if n]
-        if not accs or not self.history or self.history[-1].round != server_round:
+        if not accs or self._rec is None or self._rec.round != server_round:
             return None
-        self.history[-1].personal_accuracy = sum(accs) / len(accs)
-        return MetricRecord({"personal_accuracy": self.history[-1].personal_accuracy})
+        self._rec.personal_accuracy = sum(accs) / len(accs)
+        return MetricRecord({"personal_accuracy": self._rec.personal_accuracy})
 
     def evaluate_global(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Flower's ``evaluate_fn``: the global model on the test set (called after each round's
         evaluate step), and the round's record handed to ``on_round``."""
-        if server_round == 0 or not self.history or self.history[-1].round != server_round:
+        if server_round == 0 or self._rec is None or self._rec.round != server_round:
             return None
-        rec = self.history[-1]
-        if self._evaluating(server_round):
-            t1 = time.perf_counter()
-            self.eval_model.load_state_dict(self._global_state)
-            rec.accuracy, rec.loss = evaluate(self.eval_model, self.test_x, self.test_y, self.cfg.federation.eval_batch_size)
-            rec.eval_s = time.perf_counter() - t1
+        rec = self._rec
+        self.evaluator(rec, self._global_state)  # raises Diverged on a non-finite test loss
         rec.wall_s = time.perf_counter() - self._t_start
+        self.rounds.commit(rec)
         if self.on_round is not None:
             self.on_round(rec)
-        every = self.cfg.federation.checkpoint_every
+        every = self.options.checkpoint_every
         if self.on_checkpoint is not None and every and (server_round % every == 0 or server_round == self.ctx.rounds):
             self.on_checkpoint(server_round, self._global_state)
-        if rec.accuracy is None:
+        if rec.loss is None:
             return None
-        return MetricRecord({"accuracy": rec.accuracy, "loss": rec.loss})
+        return MetricRecord({k: v for k, v in {"accuracy": rec.accuracy, "loss": rec.loss, **rec.metrics}.items() if v is not None})
 
     def global_model_state(self) -> dict[str, torch.Tensor]:
         return self.server.global_model_state()

@@ -7,6 +7,7 @@ recorded merges (accumulation) and re-initialisation.
 """
 
 from .layers import (
+    kaiming_down_zero_up,
     InitMode,
     LoRAConv2d,
     LoRALayer,
@@ -21,6 +22,7 @@ from .layers import (
 )
 
 __all__ = [
+    "kaiming_down_zero_up",
     "InitMode",
     "LoRAConv2d",
     "LoRALayer",

@@ -81,6 +81,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "kaiming_down_zero_up",
     "InitMode",
     "LoRAConv2d",
     "LoRALayer",
@@ -149,7 +150,7 @@ def _check_alpha(alpha: object) -> float:
 
 
 @torch.no_grad()
-def _kaiming_down_zero_up(down: torch.Tensor, up: torch.Tensor, generator: torch.Generator | None) -> None:
+def kaiming_down_zero_up(down: torch.Tensor, up: torch.Tensor, generator: torch.Generator | None) -> None:
     """``down`` Kaiming-uniform (``a = sqrt(5)``), ``up`` zero: the pair adds nothing."""
     # kaiming_uniform_(a=sqrt(5)): gain sqrt(2 / (1 + 5)), bound gain * sqrt(3 / fan_in)
     # = 1 / sqrt(fan_in); the same draws as nn.init.kaiming_uniform_ from the same RNG.
@@ -217,8 +218,8 @@ class LoRALayer(nn.Module):
         self.down, self.up = self._new_pair(self.rank)
         # Freeze what must not train and draw the initial factors.
         self.base_layer.weight.requires_grad_(False)
-        if self.base_layer.bias is not None:
-            self.base_layer.bias.requires_grad_(self.train_bias)
+        if self.base_layer.bias is not None:  # a bias the user froze stays frozen
+            self.base_layer.bias.requires_grad_(self.train_bias and self.base_layer.bias.requires_grad)
         self.down.weight.requires_grad_(not self.freeze_down)
         self.reset_factors("random", generator=generator)
 
@@ -260,7 +261,7 @@ class LoRALayer(nn.Module):
         self.p_rank = int(rank)
         self.p_scaling = self.p_alpha / self.p_rank
         self.p_down, self.p_up = self._new_pair(self.p_rank)
-        _kaiming_down_zero_up(self.p_down.weight, self.p_up.weight, generator)
+        kaiming_down_zero_up(self.p_down.weight, self.p_up.weight, generator)
 
     # -- merge / unmerge / re-initialise -----------------------------------
 
@@ -321,7 +322,7 @@ class LoRALayer(nn.Module):
         self._merged_delta = None
         self.merged = False
         if mode == "random":
-            _kaiming_down_zero_up(self.down.weight, self.up.weight, generator)
+            kaiming_down_zero_up(self.down.weight, self.up.weight, generator)
 
     def merge_and_reinit(self, mode: InitMode, *, generator: torch.Generator | None = None) -> None:
         """One FedLoRU accumulation: :meth:`merge`, then :meth:`reset_factors` (``mode``)."""

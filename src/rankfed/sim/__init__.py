@@ -1,0 +1,5 @@
+"""The in-process simulator: the default transport (one machine, every client in one process)."""
+
+from rankfed.sim.simulator import Simulator
+
+__all__ = ["Simulator"]

@@ -1,12 +1,19 @@
-"""Experiment configuration: dataclasses that check themselves, loaded from TOML.
+"""Experiment files: the TOML front end, a thin layer over the Python API.
 
-An experiment file has the sections ``[task]``, ``[federation]``, ``[client]``
-and ``[algorithm]`` (``name`` plus that algorithm's own options), ``[flower]``
-(read only on a Flower deployment), and optionally
-``[algorithms.<label>]`` tables (``name`` = the algorithm, default the label,
-plus its options) naming the variants that ``rankfed
-compare``. Unknown sections and keys are errors, and every error names the key
-and the bad value.
+An experiment file has the sections ``[task]``, ``[federation]``, ``[client]`` and
+``[algorithm]`` (``name`` plus that algorithm's own options), ``[flower]`` (read only on a
+Flower deployment), and optionally ``[algorithms.<label>]`` tables (``name`` = the algorithm,
+default the label, plus its options) naming the variants that ``rankfed compare`` runs.
+Each table is the keywords of a Python object, checked by that object: ``[client]`` is
+:class:`rankfed.LocalTraining`, ``[algorithm]`` the algorithm's class (``rf.MAPA(k=...)``),
+``[federation]`` :class:`rankfed.server.RunOptions` plus the clients, participation, seed and
+device of :class:`rankfed.Federation`. Unknown sections and keys are errors, and every error
+names the key and the bad value.
+
+User code is named by import path (``"package.module:name"``): ``task.model`` (a model
+class or factory, called with ``task.model_options``), ``task.dataset`` (a function
+returning ``(clients, test)``), ``task.loss``, ``task.metrics``, ``client.optimizer``.
+``task.python_path`` lists folders to import them from (relative to the experiment file).
 """
 
 from __future__ import annotations
@@ -15,13 +22,18 @@ import dataclasses
 import difflib
 import math
 import sys
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import tomli_w
+
+from rankfed.checks import bad as _bad
+from rankfed.checks import choice as _choice
+from rankfed.checks import from_mapping
+from rankfed.errors import ConfigError
+from rankfed.local import LocalTraining
+from rankfed.server import RunOptions
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -41,24 +53,26 @@ __all__ = [
     "apply_overrides",
     "from_mapping",
     "to_toml",
+    "to_dict",
+    "is_import_path",
+    "CLIENT_ALIASES",
 ]
 
-
-class ConfigError(ValueError):
-    """A configuration value or key is invalid. The message names the key and value."""
-
-
-def _bad(key: str, value: Any, why: str) -> ConfigError:
-    return ConfigError(f"{key} = {value!r}: {why}")
-
-
 _MAX_SEED = 2**32 - 1
+ClientConfig = LocalTraining  # the [client] table
+# older spellings of [client] keys, still read
+CLIENT_ALIASES = {"local_epochs": "epochs", "local_steps": "steps"}
 
 
-def _choice(key: str, value: str, choices: typing.Iterable[str]) -> None:
-    choices = tuple(choices)
-    if value not in choices:
-        raise _bad(key, value, f"must be one of {', '.join(choices)}")
+def is_import_path(name: str) -> bool:
+    """Whether a task name is user code (``"package.module:name"``) rather than a built-in name."""
+    return ":" in name
+
+
+def _check_import_path(key: str, value: str) -> None:
+    module, _, attr = value.partition(":")
+    if not module or not attr or any(not part.isidentifier() for part in [*module.split("."), *attr.split(".")]):
+        raise _bad(key, value, "must be a built-in name or an import path 'package.module:name'")
 
 
 @dataclass
@@ -72,15 +86,21 @@ class TaskConfig:
     classes_per_client: int = 2  # partition = "shards"
     holdout: float = 0.1  # fraction of each client's data kept as its own held-out split
     train_samples: int = 0  # > 0: a seeded random subset of this many training samples (0 = all)
-    model: str = ""  # "" = the dataset's reference model
+    model: str = ""  # "" = the dataset's reference model; or an import path "package.module:Class"
     init_weights: str = ""  # a state-dict file (torch.save) to start from, e.g. a centrally pretrained model
     dataset_options: dict = field(default_factory=dict)
     model_options: dict = field(default_factory=dict)
+    loss: str = ""  # "" = cross-entropy; or an import path of a loss(output, target) -> scalar
+    metrics: dict = field(default_factory=dict)  # {name = "package.module:fn"}: fn(outputs, targets) -> float
+    python_path: list = field(default_factory=list)  # folders the import paths are imported from
 
     def __post_init__(self) -> None:
         from rankfed.data import DATASETS, PARTITIONS
 
-        _choice("task.dataset", self.dataset, DATASETS)
+        if is_import_path(self.dataset):
+            _check_import_path("task.dataset", self.dataset)
+        else:
+            _choice("task.dataset", self.dataset, DATASETS)
         _choice("task.partition", self.partition, PARTITIONS)
         if not 0 < self.alpha < math.inf:
             raise _bad("task.alpha", self.alpha, "must be > 0 and finite")
@@ -90,110 +110,51 @@ class TaskConfig:
             raise _bad("task.holdout", self.holdout, "must be in [0, 1)")
         if self.train_samples < 0:
             raise _bad("task.train_samples", self.train_samples, "must be >= 0 (0 = all)")
-        if self.model:
+        if is_import_path(self.model):
+            _check_import_path("task.model", self.model)
+        elif self.model:
             from rankfed.models import MODELS
 
             _choice("task.model", self.model, MODELS)
+        if is_import_path(self.dataset) and not self.model:
+            raise _bad("task.model", self.model, f"a dataset of your own ({self.dataset}) needs a model: give task.model (a built-in name or an import path)")
+        if self.loss:
+            _check_import_path("task.loss", self.loss)
+        for name, path in self.metrics.items():
+            if not isinstance(path, str):
+                raise _bad(f"task.metrics.{name}", path, "must be an import path 'package.module:fn'")
+            _check_import_path(f"task.metrics.{name}", path)
+        if not all(isinstance(p, str) for p in self.python_path):
+            raise _bad("task.python_path", self.python_path, "must be a list of folders")
 
 
 @dataclass
-class FederationConfig:
-    """Who takes part and how often: clients, sampling, rounds, evaluation."""
+class FederationConfig(RunOptions):
+    """Who takes part and how often: :class:`~rankfed.server.RunOptions` plus the clients, the
+    fraction sampled each round, the seed and the device."""
 
     clients: int = 10
     participation: float = 1.0  # fraction of clients sampled each round
-    rounds: int = 20
     seed: int = 0
-    eval_every: int = 1  # evaluate the global model every n rounds (and after the last)
-    eval_batch_size: int = 1024
     device: str = "cpu"  # cpu | cuda | auto
-    # stateless: a sampled client downloads what it needs; stateful: every client keeps a
-    # replica and receives every round's broadcast; auto: what the algorithm's paper assumes
-    client_kind: str = "auto"
-    checkpoint_every: int = 0  # > 0: save the global model every n rounds (and before round 1 and after the last)
-    # a round aggregates if at least this many valid uploads arrive (bad ones are dropped); else it is skipped
-    min_clients: int = 1
-    resume_every: int = 10  # save what `rankfed run --resume` needs every n rounds (0 = never)
-    # vectorized: a round's clients train together (torch.func.vmap) where the algorithm, model and
-    # optimiser allow it (FedAvg, MAPA, FA-LoRA, FedLoRA, FedLoRU with SGD on models without
-    # dropout, BatchNorm included), else one by one; auto: vectorized on a GPU, sequential on the CPU
-    # (where vectorized is measured slower: benchmarks/RESULTS.md, "Simulator speed")
-    execution: str = "auto"
-    compile: bool = False  # vectorized: torch.compile each cohort step (a one-time compile, ~20 s on a CPU)
-    # clients not trained as a cohort train in this many threads at once, each with its own model
-    # and cores/workers torch threads (2 on the 2-core CPU: 1.3x the rounds/s for small models)
-    workers: int = 1
 
     def __post_init__(self) -> None:
-        _choice("federation.client_kind", self.client_kind, ("auto", "stateless", "stateful"))
-        _choice("federation.execution", self.execution, ("auto", "sequential", "vectorized"))
+        super().__post_init__()
         if self.clients < 1:
             raise _bad("federation.clients", self.clients, "must be >= 1")
-        if not 1 <= self.workers <= 256:
-            raise _bad("federation.workers", self.workers, "must be in [1, 256]")
         if not 0 < self.participation <= 1:
             raise _bad("federation.participation", self.participation, "must be in (0, 1]")
-        if self.rounds < 1:
-            raise _bad("federation.rounds", self.rounds, "must be >= 1")
         if not 0 <= self.seed <= _MAX_SEED:  # NumPy's legacy seeding and scikit-learn take 32-bit seeds
             raise _bad("federation.seed", self.seed, f"must be in [0, {_MAX_SEED}]")
-        if self.eval_every < 1:
-            raise _bad("federation.eval_every", self.eval_every, "must be >= 1")
-        if self.eval_batch_size < 1:
-            raise _bad("federation.eval_batch_size", self.eval_batch_size, "must be >= 1")
-        if self.resume_every < 0:
-            raise _bad("federation.resume_every", self.resume_every, "must be >= 0 (0 = no resume state)")
-        if self.min_clients < 1:
-            raise _bad("federation.min_clients", self.min_clients, "must be >= 1")
-        if self.checkpoint_every < 0:
-            raise _bad("federation.checkpoint_every", self.checkpoint_every, "must be >= 0 (0 = no checkpoints)")
         _choice("federation.device", self.device, ("cpu", "cuda", "auto"))
 
     @property
     def clients_per_round(self) -> int:
         return max(1, round(self.participation * self.clients))
 
-
-@dataclass
-class ClientConfig:
-    """How a client trains locally."""
-
-    optimizer: str = "sgd"  # sgd | adamw
-    lr: float = 0.05
-    momentum: float = 0.0  # sgd
-    nesterov: bool = False  # sgd
-    weight_decay: float = 0.0
-    betas: list = field(default_factory=lambda: [0.9, 0.999])  # adamw
-    local_epochs: int = 1
-    local_steps: int = 0  # > 0: this many minibatch steps instead of local_epochs
-    batch_size: int = 32
-    lr_schedule: str = "constant"  # constant | cosine (over rounds)
-    lr_min: float = 0.0  # cosine floor
-    grad_clip: float = 0.0  # max gradient norm, 0 = off
-
-    def __post_init__(self) -> None:
-        _choice("client.optimizer", self.optimizer, ("sgd", "adamw"))
-        _choice("client.lr_schedule", self.lr_schedule, ("constant", "cosine"))
-        if not 0 < self.lr < math.inf:
-            raise _bad("client.lr", self.lr, "must be > 0 and finite")
-        if not 0 <= self.momentum < 1:
-            raise _bad("client.momentum", self.momentum, "must be in [0, 1)")
-        if self.nesterov and self.momentum == 0:
-            raise _bad("client.nesterov", self.nesterov, "needs client.momentum > 0")
-        if not 0 <= self.weight_decay < math.inf:
-            raise _bad("client.weight_decay", self.weight_decay, "must be >= 0 and finite")
-        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
-            raise _bad("client.betas", self.betas, "must be two numbers in [0, 1)")
-        if self.local_epochs < 1:
-            raise _bad("client.local_epochs", self.local_epochs, "must be >= 1")
-        if self.local_steps < 0:
-            raise _bad("client.local_steps", self.local_steps, "must be >= 0")
-        if self.batch_size < 1:
-            raise _bad("client.batch_size", self.batch_size, "must be >= 1")
-        if not 0 <= self.lr_min <= self.lr:
-            raise _bad("client.lr_min", self.lr_min, f"must be in [0, client.lr = {self.lr}]")
-        if not 0 <= self.grad_clip < math.inf:
-            raise _bad("client.grad_clip", self.grad_clip, "must be >= 0 and finite (0 = off)")
+    def run_options(self) -> dict:
+        """The keywords of :meth:`rankfed.Federation.run` (the RunOptions fields)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(RunOptions)}
 
 
 @dataclass
@@ -207,9 +168,15 @@ class AlgorithmConfig:
         from rankfed.algorithms import ALGORITHMS
 
         _choice("algorithm.name", self.name, sorted(ALGORITHMS))
-        # The algorithm's option dataclass checks keys and values now; keep them with every
-        # default filled in, so a resolved config reads back equal.
-        self.options = dataclasses.asdict(ALGORITHMS[self.name].parse_options(self.options, section="algorithm"))
+        # The algorithm's class checks keys and values now; keep them with every default
+        # filled in, so a resolved config reads back equal.
+        self.options = ALGORITHMS[self.name].from_options(self.options, section="algorithm").to_options()
+
+    def build(self):
+        """The algorithm object (``rf.MAPA(k=...)``)."""
+        from rankfed.algorithms import ALGORITHMS
+
+        return ALGORITHMS[self.name].from_options(self.options, section="algorithm")
 
 
 @dataclass
@@ -230,7 +197,7 @@ class FlowerConfig:
 class ExperimentConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
-    client: ClientConfig = field(default_factory=ClientConfig)
+    client: LocalTraining = field(default_factory=LocalTraining)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     flower: FlowerConfig = field(default_factory=FlowerConfig)
     # variants for `rankfed compare`, by label: {"mapa": {"k": 64}, "fedavg+qsgd": {"name": "fedavg", "compressor": "qsgd"}}
@@ -255,11 +222,7 @@ class ExperimentConfig:
             opts.pop("client", None)  # client overrides: see with_algorithm
             if name not in ALGORITHMS:
                 raise _bad(f"algorithms.{label}.name" if label != name else "algorithms", name, f"must be one of {', '.join(sorted(ALGORITHMS))}")
-            try:
-                ALGORITHMS[name].parse_options(opts, section=f"algorithms.{label}")
-            except ConfigError as e:  # an option check names "algorithm.x": point at the variant's table
-                msg = str(e)
-                raise ConfigError(f"algorithms.{label}.{msg.removeprefix('algorithm.')}" if msg.startswith("algorithm.") else msg) from None
+            ALGORITHMS[name].from_options(opts, section=f"algorithms.{label}")
             return AlgorithmConfig(name=name, options=opts)
         if label not in ALGORITHMS:
             raise ConfigError(f"unknown algorithm or variant {label!r}; algorithms: {', '.join(sorted(ALGORITHMS))}; variants: {', '.join(self.algorithms) or 'none'}")
@@ -271,15 +234,16 @@ class ExperimentConfig:
         A variant's ``client`` table overrides [client] keys (a learning rate tuned per method)."""
         return dataclasses.replace(self, algorithm=self.variant(label), client=self.variant_client(label))
 
-    def variant_client(self, label: str) -> ClientConfig:
+    def variant_client(self, label: str) -> LocalTraining:
         """[client] with the variant's ``client`` table applied over it."""
         overrides = self.algorithms.get(label, {}).get("client", {})
         if not isinstance(overrides, dict):
             raise _bad(f"algorithms.{label}.client", overrides, "must be a table of [client] keys")
         if not overrides:
             return self.client
+        overrides = {CLIENT_ALIASES.get(k, k): v for k, v in overrides.items()}
         try:
-            return from_mapping(ClientConfig, {**dataclasses.asdict(self.client), **overrides}, f"algorithms.{label}.client")
+            return from_mapping(LocalTraining, {**self.client.describe(), **overrides}, f"algorithms.{label}.client")
         except ConfigError as e:  # a value check names "client.x": point at the variant's table
             msg = str(e)
             raise ConfigError(f"algorithms.{label}.{msg}" if msg.startswith("client.") else msg) from None
@@ -288,59 +252,10 @@ class ExperimentConfig:
 _SECTIONS = {
     "task": TaskConfig,
     "federation": FederationConfig,
-    "client": ClientConfig,
+    "client": LocalTraining,
     "flower": FlowerConfig,
 }
-
-
-def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
-    """Check (and gently coerce) a TOML value against a dataclass field type."""
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return False, value
-        try:
-            return True, float(value)
-        except OverflowError:  # an integer beyond float range: +-inf, which the range checks reject
-            return True, math.inf if value > 0 else -math.inf
-    if tp is int:
-        return (isinstance(value, int) and not isinstance(value, bool)), value
-    if tp is bool:
-        return isinstance(value, bool), value
-    if tp is str:
-        return isinstance(value, str), value
-    if tp in (list, dict):
-        return isinstance(value, tp), value
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            ok, v = _type_ok(value, arg)
-            if ok:
-                return True, v
-        return False, value
-    return True, value
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp))
-
-
-def from_mapping(cls: type, data: dict, section: str) -> Any:
-    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types are errors."""
-    if not isinstance(data, dict):
-        raise _bad(section, data, "must be a table")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f" (did you mean {section}.{close[0]}?)" if close else f" (known keys: {', '.join(names)})"
-            raise ConfigError(f"unknown key {section}.{key}{hint}")
-        ok, coerced = _type_ok(value, hints[key])
-        if not ok:
-            raise _bad(f"{section}.{key}", value, f"must be of type {_type_name(hints[key])}")
-        kwargs[key] = coerced
-    return cls(**kwargs)
+_ALIASES = {"client": CLIENT_ALIASES}
 
 
 def parse_config(data: dict) -> ExperimentConfig:
@@ -353,7 +268,7 @@ def parse_config(data: dict) -> ExperimentConfig:
             close = difflib.get_close_matches(key, sorted(known), n=1)
             hint = f" (did you mean [{close[0]}]?)" if close else f" (sections: {', '.join(sorted(known))})"
             raise ConfigError(f"unknown section [{key}]{hint}")
-    parts = {name: from_mapping(cls, data.get(name, {}), name) for name, cls in _SECTIONS.items()}
+    parts = {name: from_mapping(cls, data.get(name, {}), name, _ALIASES.get(name)) for name, cls in _SECTIONS.items()}
     algo = data.get("algorithm", {})
     if not isinstance(algo, dict):
         raise _bad("algorithm", algo, "must be a table")
@@ -398,7 +313,11 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Read an experiment file (or the defaults when ``path`` is None) and apply overrides."""
+    """Read an experiment file (or the defaults when ``path`` is None) and apply overrides.
+
+    ``task.python_path`` entries are made absolute against the file's folder; a file that
+    names user code by import path and gives no ``python_path`` imports it from its own
+    folder (recorded in the resolved config, so a resumed run finds it again)."""
     data: dict = {}
     if path is not None:
         p = Path(path)
@@ -417,16 +336,29 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{p}: not valid TOML: {e}") from None
     apply_overrides(data, overrides or [])
+    if path is not None:
+        _resolve_python_path(data, Path(path).resolve().parent)
     return parse_config(data)
+
+
+def _resolve_python_path(data: dict, folder: Path) -> None:
+    task = data.get("task")
+    if not isinstance(task, dict):
+        return
+    paths = task.get("python_path")
+    if isinstance(paths, list):
+        task["python_path"] = [str((folder / p).resolve()) if isinstance(p, str) else p for p in paths]
+        return
+    metrics = task.get("metrics")
+    names = [task.get("model"), task.get("dataset"), task.get("loss"), *(metrics.values() if isinstance(metrics, dict) else [])]
+    if paths is None and any(isinstance(n, str) and is_import_path(n) for n in names):
+        task["python_path"] = [str(folder)]
 
 
 def to_dict(cfg: ExperimentConfig) -> dict:
     """The resolved configuration as a TOML-ready document (algorithm options inlined)."""
-    out = {name: dataclasses.asdict(getattr(cfg, name)) for name in _SECTIONS}
-    from rankfed.algorithms import ALGORITHMS
-
-    opts = ALGORITHMS[cfg.algorithm.name].parse_options(cfg.algorithm.options, section="algorithm")
-    out["algorithm"] = {"name": cfg.algorithm.name, **dataclasses.asdict(opts)}
+    out = {name: (getattr(cfg, name).describe() if name == "client" else dataclasses.asdict(getattr(cfg, name))) for name in _SECTIONS}
+    out["algorithm"] = {"name": cfg.algorithm.name, **cfg.algorithm.build().to_options()}
     if cfg.algorithms:
         out["algorithms"] = cfg.algorithms
     return out

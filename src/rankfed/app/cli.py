@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as _dt
-import json
 import shlex
 import signal
 import sys
@@ -32,8 +31,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from rankfed.config import ConfigError, ExperimentConfig, load_config, parse_config
-from rankfed.data import DataFormatError, DataNotFoundError
+from rankfed.app.config import ExperimentConfig, is_import_path, load_config, parse_config
+from rankfed.errors import ConfigError, DataFormatError, DataNotFoundError
 
 __all__ = ["main"]
 
@@ -75,95 +74,60 @@ class _ProgressReporter:
     def __call__(self, rec) -> None:
         if rec.accuracy is not None:
             self.acc = rec.accuracy
-        acc = f"acc {100 * self.acc:5.1f}%" if self.acc is not None else "acc   -  "
+        if rec.loss is not None:
+            self.loss = rec.loss
+        if self.acc is not None:
+            acc = f"acc {100 * self.acc:5.1f}%"
+        elif getattr(self, "loss", None) is not None:
+            acc = f"loss {self.loss:8.4g}"
+        else:
+            acc = "acc   -  "
         status = f"{acc}  up {rec.cum_uplink_bytes / MB:9.3f} MB  down {rec.cum_downlink_bytes / MB:9.3f} MB"
         if self.progress is not None:
             self.progress.update(self.task, completed=rec.round, status=status)
-        elif not self.quiet and rec.accuracy is not None:
+        elif not self.quiet and getattr(rec, "evaluated", rec.accuracy is not None):
             self.console.print(f"{self.label} round {rec.round}/{self.total}  {status}", highlight=False)
 
 
+def _command() -> str:
+    return "rankfed " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
 def _run_one(cfg: ExperimentConfig, out: Path, console: Console, quiet: bool, overwrite: bool, label: str, dataset=None, resume: bool = False) -> dict:
-    from rankfed.runner import run_experiment
+    from rankfed.app.experiment import run_experiment
 
-    with _ProgressReporter(console, cfg.federation.rounds, label, quiet) as report:
-        command = "rankfed " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-        return run_experiment(cfg, out, overwrite=overwrite, on_round=report, dataset=dataset, command=command, resume=resume)
-
-
-def _is_plain_fedavg(summary: dict) -> bool:
-    return summary["algorithm"] == "fedavg" and not summary["algorithm_options"].get("compressor")
-
-
-def comparison_rows(summaries: dict[str, dict]) -> list[dict]:
-    """One row per labelled run, with communication relative to the plain FedAvg run among them (if any)."""
-    ref = next((s for s in summaries.values() if _is_plain_fedavg(s)), None)
-    rows = []
-    for label, s in summaries.items():
-        up, down = s["total_uplink_bytes"], s["total_downlink_bytes"]
-        row = {
-            "algorithm": label,
-            "best_accuracy": s["best_accuracy"],
-            "best_round": s["best_round"],
-            "final_accuracy": s["final_accuracy"],
-            "uplink_MB": up / MB,
-            "downlink_MB": down / MB,
-            "uplink_vs_fedavg": up / ref["total_uplink_bytes"] if ref else None,
-            "total_vs_fedavg": (up + down) / (ref["total_uplink_bytes"] + ref["total_downlink_bytes"]) if ref else None,
-            "wall_s": s["wall_s"],
-        }
-        rows.append(row)
-    return rows
-
-
-_COLUMNS = ("algorithm", "best acc", "at round", "final acc", "uplink MB", "downlink MB", "uplink vs FedAvg", "total vs FedAvg", "time s")
-
-
-def _cells(r: dict) -> list[str]:
-    """One comparison row's cells, in _COLUMNS order (shared by the terminal and markdown tables)."""
-    pct = lambda v: "-" if v is None else f"{100 * v:.2f}%"  # noqa: E731
-    return [
-        r["algorithm"],
-        pct(r["best_accuracy"]),
-        str(r["best_round"]),
-        pct(r["final_accuracy"]),
-        f"{r['uplink_MB']:.3f}",
-        f"{r['downlink_MB']:.3f}",
-        pct(r["uplink_vs_fedavg"]),
-        pct(r["total_vs_fedavg"]),
-        f"{r['wall_s']:.1f}",
-    ]
+    with _ProgressReporter(console, cfg.federation.rounds, label, quiet) as report, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="training diverged")  # said below, once, as one line
+        s = run_experiment(cfg, out, overwrite=overwrite, on_round=report, dataset=dataset, command=_command(), resume=resume)
+    if s.get("status") == "diverged":
+        console.print(f"rankfed: warning: {s['diverged']}; the run stopped there", highlight=False)
+    return s
 
 
 def comparison_table(rows: list[dict], title: str) -> Table:
+    from rankfed.federation import COLUMNS, comparison_cells
+
     t = Table(title=title)
-    for col in _COLUMNS:
-        t.add_column(col, justify="left" if col == "algorithm" else "right")
+    for col in COLUMNS:
+        t.add_column(col, justify="left" if col == "algorithm" else "right", no_wrap=True)
     for r in rows:
-        t.add_row(*_cells(r))
+        t.add_row(*comparison_cells(r))
     return t
 
 
-def _markdown(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(_COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
-    lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
 def _compare(cfg: ExperimentConfig, algorithms: list[str], out: Path, console: Console, quiet: bool, overwrite: bool, title: str) -> list[dict]:
-    from rankfed.plot import plot_runs
-    from rankfed.runner import load_task_data
+    from rankfed.app.experiment import load_task_data
+    from rankfed.federation import baseline_note, comparison_rows, write_comparison
 
     variants = {label: cfg.with_algorithm(label) for label in algorithms}  # checks every label first
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"output folder {str(out)!r} exists and is not empty (pass --overwrite to replace it)")
-    dataset = load_task_data(cfg)  # loaded once, shared by every algorithm's run
+    dataset = None if is_import_path(cfg.task.dataset) else load_task_data(cfg)  # loaded once, shared by every run
     summaries = {label: _run_one(v, out / label, console, quiet, True, label, dataset) for label, v in variants.items()}
     rows = comparison_rows(summaries)
-    (out / "comparison.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
-    (out / "comparison.md").write_text(_markdown(rows), encoding="utf-8")
-    plot_runs([out / n for n in algorithms], out / "comparison.png", title=title)
+    write_comparison(out, algorithms, rows, title)
     console.print(comparison_table(rows, title))
+    console.print(baseline_note(rows), highlight=False)
     console.print(f"runs, comparison.md and comparison.png in {out}", highlight=False)
     return rows
 
@@ -176,7 +140,7 @@ def _split_names(text: str) -> list[str]:
 
 
 def _demo_config() -> ExperimentConfig:
-    from rankfed.config import tomllib
+    from rankfed.app.config import tomllib
 
     text = resources.files("rankfed").joinpath("configs/demo.toml").read_text(encoding="utf-8")
     return parse_config(tomllib.loads(text))
@@ -193,13 +157,13 @@ def _int_list(flag: str, text: str) -> list[int]:
 
 
 def _analyze(args: argparse.Namespace, console: Console, err: Console) -> None:
-    from rankfed.analysis import analyze_gradient_similarity, analyze_stable_rank
+    from rankfed.app.analyze import analyze_gradient_similarity, analyze_stable_rank
 
     source = Path(args.source)
     if source.is_file():  # an experiment file: train it with checkpoints first
         cfg = load_config(source, args.overrides)
         if args.analysis == "stable-rank":  # a subset larger than the data would fail only after training
-            from rankfed.runner import load_task_data
+            from rankfed.app.experiment import load_task_data
 
             n = cfg.task.train_samples or len(load_task_data(cfg).train_y)
             too_big = [s for s in _int_list("--sizes", args.sizes) if s > n]
@@ -207,7 +171,7 @@ def _analyze(args: argparse.Namespace, console: Console, err: Console) -> None:
                 raise ConfigError(f"--sizes {args.sizes}: {too_big} exceed the {n} training samples")
         every = args.checkpoint_every or max(1, cfg.federation.rounds // 10)
         cfg = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, checkpoint_every=every))
-        run_dir = Path(args.out or f"runs/analyze-{cfg.task.dataset}-{_stamp()}") / "run"
+        run_dir = Path(args.out or f"runs/analyze-{_name(cfg.task.dataset)}-{_stamp()}") / "run"
         _run_one(cfg, run_dir, err, args.quiet, args.overwrite, f"train {cfg.algorithm.name}")
         out = run_dir.parent
     elif source.is_dir():
@@ -236,13 +200,26 @@ def _analyze(args: argparse.Namespace, console: Console, err: Console) -> None:
         console.print(f"{len(rows)} checkpoints; gradient_similarity.json, .md and .png in {out}", highlight=False)
 
 
+def _name(dataset: str) -> str:
+    """A dataset's name as a folder name (an import path's last part)."""
+    return dataset.rpartition(":")[2].rpartition(".")[2] or "data"
+
+
+def _best(s: dict) -> str:
+    if s["best_accuracy"] is not None:
+        return f"accuracy {100 * s['best_accuracy']:.2f}% at round {s['best_round']}"
+    if s.get("best_loss") is not None:
+        return f"test loss {s['best_loss']:.4g} at round {s['best_round']}"
+    return "accuracy -"
+
+
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
 def _flower(args: argparse.Namespace, console: Console, err: Console) -> int:
     try:
-        from rankfed.flower import run_flower
+        from rankfed.app.flower import run_flower
         from rankfed.flower.deploy import FlowerRunError, write_app
     except ImportError as e:
         raise ConfigError(f"rankfed flower needs Flower: pip install 'rankfed[flower]' ({e})") from None
@@ -251,11 +228,11 @@ def _flower(args: argparse.Namespace, console: Console, err: Console) -> int:
         console.print(f"wrote {path / 'pyproject.toml'}; submit with `rankfed flower run CONFIG --superlink HOST:PORT`", highlight=False)
         return 0
     cfg = load_config(args.config, args.overrides)
-    out = Path(args.out or f"runs/flower-{cfg.task.dataset}-{cfg.algorithm.name}-{_stamp()}")
+    out = Path(args.out or f"runs/flower-{_name(cfg.task.dataset)}-{cfg.algorithm.name}-{_stamp()}")
     where = f"SuperLink {args.superlink}" if args.superlink else f"a local deployment of {args.supernodes} SuperNodes"
     if not args.quiet:
         err.print(f"flower: {cfg.algorithm.name} on {where}; logs in {out / 'flower-logs'}", highlight=False)
-    command = "rankfed " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = _command()
     # SIGTERM (a scheduler, `kill`) ends the run like Ctrl-C: every process it started is stopped.
     signal.signal(signal.SIGTERM, _interrupt)
     with _ProgressReporter(err, cfg.federation.rounds, f"flower {cfg.algorithm.name}", args.quiet) as report:
@@ -273,9 +250,8 @@ def _flower(args: argparse.Namespace, console: Console, err: Console) -> int:
         return 1
     if s.get("status") == "diverged":
         err.print(f"rankfed: warning: {s['diverged']}; the run stopped there", highlight=False)
-    best = "-" if s["best_accuracy"] is None else f"{100 * s['best_accuracy']:.2f}% at round {s['best_round']}"
     console.print(
-        f"{s['algorithm']} on Flower ({s['supernodes']} SuperNodes): best accuracy {best}; payload uplink {s['total_uplink_bytes'] / MB:.3f} MB "
+        f"{s['algorithm']} on Flower ({s['supernodes']} SuperNodes): best {_best(s)}; payload uplink {s['total_uplink_bytes'] / MB:.3f} MB "
         f"(Flower messages {s['total_flower_uplink_bytes'] / MB:.3f} MB), downlink {s['total_downlink_bytes'] / MB:.3f} MB "
         f"(Flower {s['total_flower_downlink_bytes'] / MB:.3f} MB); {s['failed_client_rounds']} failed client-rounds, "
         f"{len(s['skipped_rounds'])} skipped rounds; run folder {out}",
@@ -371,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.formatwarning = _format_warning
     # Off a terminal (logs, CI, pipes) rich would squeeze tables into 80 columns.
-    console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
+    console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
     err = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 160)
     try:
         if args.command == "run":
@@ -379,36 +355,37 @@ def main(argv: list[str] | None = None) -> int:
                 if args.config or args.overrides or args.out:
                     raise ConfigError("--resume RUN_DIR continues that run as it was configured: give no CONFIG, --set or --out")
                 out = Path(args.resume)
-                cfg = load_config(out / "config.toml") if (out / "config.toml").is_file() else None
-                if cfg is None:
+                if not (out / "config.toml").is_file():
                     raise FileNotFoundError(f"--resume {args.resume!r}: not a run folder (no config.toml)")
+                text = (out / "config.toml").read_text(encoding="utf-8")
+                if text.startswith("# written by rankfed.Federation"):
+                    raise ConfigError(f"--resume {args.resume!r}: this run was started from Python (rankfed.Federation); resume it from your script with Federation.run(..., out={str(out)!r}, resume=True)")
+                cfg = load_config(out / "config.toml")
             elif args.config is None:
                 raise ConfigError("rankfed run: give an experiment file (or --resume RUN_DIR)")
             else:
                 cfg = load_config(args.config, args.overrides)
-                out = Path(args.out or f"runs/{cfg.task.dataset}-{cfg.algorithm.name}-{_stamp()}")
+                out = Path(args.out or f"runs/{_name(cfg.task.dataset)}-{cfg.algorithm.name}-{_stamp()}")
             s = _run_one(cfg, out, err, args.quiet, args.overwrite, cfg.algorithm.name, resume=bool(args.resume))
-            if s.get("status") == "diverged":
-                err.print(f"rankfed: warning: {s['diverged']}; the run stopped there", highlight=False)
-            best = "-" if s["best_accuracy"] is None else f"{100 * s['best_accuracy']:.2f}% at round {s['best_round']}"
             console.print(
-                f"{s['algorithm']}: best accuracy {best}; uplink {s['total_uplink_bytes'] / MB:.3f} MB, "
+                f"{s['algorithm']}: best {_best(s)}; uplink {s['total_uplink_bytes'] / MB:.3f} MB, "
                 f"downlink {s['total_downlink_bytes'] / MB:.3f} MB; run folder {out}",
                 highlight=False,
             )
         elif args.command == "compare":
             cfg = load_config(args.config, args.overrides)
-            out = Path(args.out or f"runs/compare-{cfg.task.dataset}-{_stamp()}")
+            out = Path(args.out or f"runs/compare-{_name(cfg.task.dataset)}-{_stamp()}")
             _compare(cfg, _split_names(args.algorithms), out, console, args.quiet, args.overwrite, f"{cfg.task.dataset}: {args.algorithms}")
         elif args.command == "ddp":
-            from rankfed.ddp_run import DdpOptions, run_ddp
+            from rankfed.app.ddp import run_ddp_config
+            from rankfed.ddp.runner import DdpOptions
 
             cfg = load_config(args.config, args.overrides)
             opts = DdpOptions(args.workers, args.compressor, args.rank, args.update_gap, args.warmup, args.steps, args.eval_every, args.backend)
-            out = Path(args.out or f"runs/ddp-{cfg.task.dataset}-{args.compressor}-{_stamp()}")
+            out = Path(args.out or f"runs/ddp-{_name(cfg.task.dataset)}-{args.compressor}-{_stamp()}")
             if not args.quiet:
                 err.print(f"ddp: {opts.workers} workers ({opts.backend}), {opts.compressor}, {opts.steps} steps", highlight=False)
-            s = run_ddp(cfg, opts, out, overwrite=args.overwrite, command="rankfed " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+            s = run_ddp_config(cfg, opts, out, overwrite=args.overwrite, command=_command())
             if s["status"] == "diverged":
                 err.print(f"rankfed: warning: training diverged at step {s['diverged_at_step']} (non-finite weights or gradients; try a lower lr); the run stopped there", highlight=False)
                 console.print(f"ddp-{opts.compressor}: diverged at step {s['diverged_at_step']}; run folder {out}", highlight=False)

@@ -18,7 +18,7 @@ A round keeps its aggregation if at least ``min_clients`` uploads survive;
 otherwise it is *skipped*: the server aggregates nothing (its model unchanged,
 and a stateful algorithm's next broadcast carries no update). If every upload
 of a round was rejected for non-finite values, the clients' training diverged:
-:class:`~rankfed.sim.simulator.Diverged`-style handling is the caller's (see
+:func:`rankfed.server.round.aggregate_round` raises :class:`~rankfed.errors.Diverged` (see
 ``all_nonfinite``).
 """
 
@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rankfed.algorithms.base import ServerHalf
+from rankfed.protocol import ServerHalf, float_state
 from rankfed.wire import Payload, encoded_size
 
 __all__ = ["upload_limit", "check_upload", "nonfinite_entries", "aggregate_checked", "CheckedRound", "NONFINITE"]
@@ -43,8 +43,6 @@ def upload_limit(model: torch.nn.Module) -> int:
     """The largest upload accepted for ``model``: 4x a full FedAvg upload of it plus 64 KiB (every
     algorithm's honest upload is at most about one FedAvg upload; FedLoRU's factors at a rank
     above a layer's full rank can exceed it)."""
-    from rankfed.algorithms.base import float_state
-
     return 4 * encoded_size(float_state(model)) + 65536
 
 

@@ -3,7 +3,7 @@
 Each sampled client keeps its own copy of the trained tensors, stacked along a leading
 client dimension, and every local step is one ``torch.func.vmap`` of ``torch.func.grad``
 over the cohort (tensors every client shares, such as a frozen base, are passed once,
-unbatched). Clients keep the minibatch order :class:`~rankfed.sim.trainer.LocalTrainer`
+unbatched). Clients keep the minibatch order :class:`~rankfed.local.loop.LocalTrainer`
 gives them (the same seeded generator), so the result equals sequential training up to
 float summation order. Steps are aligned by index: a client with a smaller last batch is
 padded (padded samples weigh 0), and a client with fewer steps sits the remaining steps
@@ -11,11 +11,13 @@ out (its tensors and momentum unchanged).
 
 What is trained need not be the model's parameters: an algorithm passes ``build(trained,
 shared) -> parameters`` (MAPA trains one vector B and the parameters are W + vec(A B)).
-Applies to SGD (momentum, Nesterov, weight decay, gradient clipping) on models without
-dropout (its randomness would differ under vmap) and without buffers other than BatchNorm
-statistics; BatchNorm layers normalise with the statistics of each client's real samples
-(padding left out) and their running statistics are carried per client.
-:func:`cohort_supported` says whether a model and settings apply. With ``compile=True`` the whole step
+Applies to SGD (momentum, Nesterov, weight decay, gradient clipping) on in-memory data, on
+models without dropout (its randomness would differ under vmap) and without buffers other
+than BatchNorm statistics, with the task's loss formed sample by sample (cross-entropy, or a
+user loss that is a mean over samples: :meth:`Task.decomposable` checks it on a batch);
+BatchNorm layers normalise with the statistics of each client's real samples (padding left
+out) and their running statistics are carried per client.
+:func:`cohort_supported` says whether a model, settings, task and data apply. With ``compile=True`` the whole step
 (gradients, clipping, momentum, update) is one ``torch.compile`` graph, compiled once per
 process and cohort shape.
 """
@@ -27,13 +29,13 @@ import warnings
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from rankfed.config import ClientConfig
-from rankfed.data import ClientData
-from rankfed.sim.trainer import LocalTrainer, TrainStats
+from rankfed.local.data import ClientData, concat_inputs
+from rankfed.local.loop import LocalTrainer, TrainStats
+from rankfed.local.task import Task, call_model
+from rankfed.local.training import LocalTraining
 
 __all__ = ["CohortOutOfMemory", "CohortTrainer", "cohort_supported", "has_dropout"]
 
@@ -46,10 +48,14 @@ def has_dropout(model: nn.Module) -> bool:
     return any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
 
 
-def cohort_supported(model: nn.Module, cfg: ClientConfig) -> str | None:
-    """Why the model or client settings cannot train as a vectorised cohort (None if they can)."""
-    if cfg.optimizer != "sgd":
-        return f"client.optimizer = {cfg.optimizer!r} (vectorised training implements sgd)"
+def cohort_supported(model: nn.Module, cfg: LocalTraining, task: Task | None = None, data: ClientData | None = None) -> str | None:
+    """Why the model, client settings, task or data cannot train as a vectorised cohort (None
+    if they can). With ``data`` (a client's), the task's loss is tried sample by sample on its
+    first minibatch."""
+    if not cfg.plain_sgd:
+        shown = cfg.optimizer if isinstance(cfg.optimizer, str) else cfg.optimizer_name
+        why = "optimizer_options are not modelled" if cfg.optimizer_name == "sgd" else "vectorised training implements sgd"
+        return f"client.optimizer = {shown!r} ({why})"
     owners = _buffer_owners(model)
     for name, _ in model.named_buffers():
         bn = owners.get(name)
@@ -59,6 +65,18 @@ def cohort_supported(model: nn.Module, cfg: ClientConfig) -> str | None:
             return f"BatchNorm with momentum=None (a cumulative average) at {name!r}"
     if has_dropout(model):
         return "the model has dropout (its randomness would differ under vmap)"
+    if data is not None and not data.in_memory:
+        return "the client data is streamed from a Dataset (a cohort gathers its minibatches from tensors in memory)"
+    if task is not None and not task.default_loss and data is not None and data.num_samples:
+        x, y = data.batch(torch.arange(min(data.num_samples, cfg.batch_size), device=data.device))
+        was = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                out = call_model(model, x)
+        finally:
+            model.train(was)
+        return task.decomposable(out, y)
     return None
 
 
@@ -160,8 +178,9 @@ class CohortTrainer:
     ``compile=True`` it holds the compiled step.
     """
 
-    def __init__(self, model: nn.Module, cfg: ClientConfig, build: Build | None = None, compile: bool = False):
+    def __init__(self, model: nn.Module, cfg: LocalTraining, build: Build | None = None, compile: bool = False, task: Task | None = None):
         self.model, self.cfg = model, cfg
+        self.task = task if task is not None else Task()
         self.build = build or _default_build
         self.compile = compile
         self.buffer_names = [n for n, _ in model.named_buffers()]  # BatchNorm statistics (cohort_supported)
@@ -169,12 +188,13 @@ class CohortTrainer:
         self._step_fn = None
 
     # -- the step, as one pure function of tensors ------------------------------------------
-    def _loss(self, trained: Tensors, stats: Tensors, shared: Tensors, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor):
+    def _loss(self, trained: Tensors, stats: Tensors, shared: Tensors, x, y: torch.Tensor, w: torch.Tensor):
         if self._bn is not None:
             self._bn.mask, self._bn.updates = w, {}
-        logits = functional_call(self.model, {**self.build(trained, shared), **stats}, (x,))
-        ce = F.cross_entropy(logits, y, reduction="none")
-        loss = (ce * w).sum() / w.sum().clamp_min(1.0)
+        params = {**self.build(trained, shared), **stats}
+        output = call_model(lambda *a, **k: functional_call(self.model, params, a, k), x)
+        sums, counts = self.task.sample_terms(output, y)  # (B,) each: padding weighs 0
+        loss = (sums * w).sum() / (counts * w).sum().clamp_min(1.0)
         new_stats = {n: self._bn.updates.get(n, v) for n, v in stats.items()} if self._bn is not None else {}
         return loss, (loss.detach(), new_stats)
 
@@ -225,14 +245,14 @@ class CohortTrainer:
         except Exception as e:
             if not _is_out_of_memory(e):
                 raise
-            device = datas[0].x.device
+            device = datas[0].device
             err = f"a cohort of {len(datas)} clients does not fit in {device.type} memory ({type(e).__name__})"
         if device.type == "cuda":  # outside the except block: the failed step's tensors are released
             torch.cuda.empty_cache()
         raise CohortOutOfMemory(err)
 
     def _train(self, starts, shared, datas, seeds, trainer, rnd):
-        device = datas[0].x.device
+        device = datas[0].device
         c, bs = len(datas), trainer.cfg.batch_size
         names = [n for n in starts[0] if n not in self.buffer_names]
         with torch.no_grad():
@@ -248,7 +268,7 @@ class CohortTrainer:
             gen = torch.Generator().manual_seed(seed)
             plans.append(list(trainer.batches(data.num_samples, gen, torch.device("cpu"))) if data.num_samples else [])
         steps = max((len(p) for p in plans), default=0)
-        xs = torch.cat([d.x for d in datas])
+        xs = concat_inputs([d.x for d in datas])
         ys = torch.cat([d.y for d in datas])
         index = torch.zeros((steps, c, bs), dtype=torch.long)  # built on the CPU, moved once
         weight = torch.zeros((steps, c, bs))
@@ -265,7 +285,8 @@ class CohortTrainer:
         step = self._stepper()
         loss_sum = torch.zeros(c, device=device)
         for s in range(steps):
-            x, y = xs[index[s]], ys[index[s]]
+            x = {k: v[index[s]] for k, v in xs.items()} if isinstance(xs, dict) else xs[index[s]]
+            y = ys[index[s]]
             try:
                 with self._bn if self._bn is not None else contextlib.nullcontext():
                     trained, bufs, stats, losses = step(trained, bufs, stats, shared, x, y, weight[s], active[s], lr)

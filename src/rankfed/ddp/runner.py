@@ -1,9 +1,9 @@
-"""`rankfed ddp`: data-parallel training with N worker processes and a gradient compressor.
+"""Data-parallel training with N worker processes and a gradient compressor (``rankfed ddp``).
 
-Each worker (a process, gloo on CPU or NCCL on one GPU each) trains the
-experiment file's model on its own IID shard of the training set with the
-``[client]`` optimiser and batch size, for ``steps`` steps; DDP averages the
-gradients through the chosen hook:
+Each worker (a process, gloo on CPU or NCCL on one GPU each) trains the model that
+``model_fn()`` builds on its own IID shard of the training data ``data_fn()`` returns, with
+the :class:`~rankfed.local.LocalTraining` optimiser and batch size and the task's loss, for
+``steps`` steps; DDP averages the gradients through the chosen hook:
 
     none            plain all-reduce (DDP's default)
     powersgd        rankfed's PowerSGD (rankfed.compress.lowrank)
@@ -14,7 +14,8 @@ Worker 0 evaluates on the test set every ``eval_every`` steps and writes the run
 folder (config.toml, metrics.jsonl, summary.json) in the layout `rankfed plot`
 reads: ``round`` is the step, ``cum_uplink_bytes`` the bytes each worker has put
 into all-reduces so far (numbers x 4; the all-reduce returns as many, counted as
-``cum_downlink_bytes``).
+``cum_downlink_bytes``). ``model_fn`` and ``data_fn`` must pickle (module-level functions
+or ``functools.partial`` of them): each worker process calls them.
 """
 
 from __future__ import annotations
@@ -31,14 +32,16 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 
-import rankfed
-from rankfed.config import ConfigError, ExperimentConfig, to_toml
+from rankfed._version import __version__
+from rankfed.compress import LOW_RANK, low_rank_pays
+from rankfed.errors import ConfigError
+from rankfed.local import ClientData, LocalTraining, Task
+from rankfed.server import RunFolder, dumps
 
 __all__ = ["DdpOptions", "run_ddp", "DDP_COMPRESSORS"]
 
-DDP_COMPRESSORS = ("none", "powersgd", "torch-powersgd", "greedylore")
+DDP_COMPRESSORS = ("none", *LOW_RANK, "torch-powersgd")
 
 
 @dataclass
@@ -75,32 +78,29 @@ def _torch_powersgd_numbers(model: torch.nn.Module, rank: int, compressing: bool
     for p in model.parameters():
         n = p.shape[0] if p.dim() >= 2 else 0
         m = p.numel() // n if n else 0
-        if compressing and n and (n + m) * min(rank, n, m) * 2 < n * m:
+        if compressing and n and low_rank_pays(p.shape, (n + m) * min(rank, n, m), strict=True):
             total += (n + m) * min(rank, n, m)
         else:
             total += p.numel()
     return total
 
 
-def _worker(rank: int, cfg: ExperimentConfig, opts: DdpOptions, init_file: str, out: str, result_file: str) -> None:
+def _worker(rank: int, model_fn, data_fn, local: LocalTraining, task: Task, seed: int, opts: DdpOptions, init_file: str, out: str, result_file: str, info: dict) -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from rankfed.ddp import LowRankHookState, lowrank_hook
-    from rankfed.models import build_model
-    from rankfed.runner import DEFAULT_MODELS, load_task_data
-    from rankfed.sim.simulator import evaluate
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // opts.workers))
     dist.init_process_group(opts.backend, init_method=f"file://{init_file}", rank=rank, world_size=opts.workers)
     try:
         device = torch.device(f"cuda:{rank}") if opts.backend == "nccl" else torch.device("cpu")
-        ds = load_task_data(cfg)
-        seed = cfg.federation.seed
-        perm = torch.randperm(len(ds.train_y), generator=torch.Generator().manual_seed(seed))
+        (train_x, train_y), (test_x, test_y) = data_fn()
+        perm = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(seed))
         mine = perm[rank :: opts.workers]
-        x, y = ds.train_x[mine].to(device), ds.train_y[mine].to(device)
+        x, y = train_x[mine].to(device), train_y[mine].to(device)
+        test = ClientData(test_x.to(device), test_y.to(device))
         torch.manual_seed(seed)
-        model = build_model(cfg.task.model or DEFAULT_MODELS[cfg.task.dataset], ds.input_shape, ds.num_classes, **cfg.task.model_options).to(device)
+        model = model_fn().to(device)
         ddp = DDP(model, device_ids=[rank] if opts.backend == "nccl" else None)
         state = None
         if opts.compressor in ("powersgd", "greedylore"):
@@ -112,11 +112,8 @@ def _worker(rank: int, cfg: ExperimentConfig, opts: DdpOptions, init_file: str, 
 
             tstate = psgd.PowerSGDState(process_group=None, matrix_approximation_rank=opts.rank, start_powerSGD_iter=max(2, opts.warmup), use_error_feedback=True, warm_start=True, random_seed=seed)
             ddp.register_comm_hook(tstate, psgd.powerSGD_hook)
-        c = cfg.client
-        if c.optimizer == "adamw":
-            opt = torch.optim.AdamW(ddp.parameters(), lr=c.lr, betas=tuple(c.betas), weight_decay=c.weight_decay)
-        else:
-            opt = torch.optim.SGD(ddp.parameters(), lr=c.lr, momentum=c.momentum, nesterov=c.nesterov, weight_decay=c.weight_decay)
+        c = local
+        opt = local.make_optimizer(ddp.parameters())
         dense_numbers = sum(p.numel() for p in model.parameters())
         # torch's hook sends one of two amounts: dense before start_powerSGD_iter, compressed after
         torch_psgd = {on: _torch_powersgd_numbers(model, opts.rank, compressing=on) for on in (False, True)}
@@ -133,7 +130,7 @@ def _worker(rank: int, cfg: ExperimentConfig, opts: DdpOptions, init_file: str, 
             pos += c.batch_size
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
-            F.cross_entropy(ddp(x[idx]), y[idx]).backward()
+            task.batch_loss(ddp, x[idx], y[idx]).backward()
             opt.step()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -150,7 +147,8 @@ def _worker(rank: int, cfg: ExperimentConfig, opts: DdpOptions, init_file: str, 
                 sent = dense_numbers
             cum_numbers += sent
             if rank == 0 and (step % opts.eval_every == 0 or step == opts.steps):
-                acc, loss = evaluate(model, ds.test_x.to(device), ds.test_y.to(device))
+                result = task.evaluate(model, test.batches(1024))
+                acc, loss = result["accuracy"], result["loss"]
                 row = {
                     "round": step,
                     "accuracy": acc,
@@ -163,18 +161,19 @@ def _worker(rank: int, cfg: ExperimentConfig, opts: DdpOptions, init_file: str, 
                 }
                 metrics.append(row)
                 with open(os.path.join(out, "metrics.jsonl"), "a", encoding="utf-8") as f:
-                    f.write(json.dumps(row) + "\n")
+                    f.write(dumps(row) + "\n")
         gathered: list = [None] * opts.workers
         dist.all_gather_object(gathered, {"mean_step_s": sum(step_times) / max(len(step_times), 1), "cum_numbers": cum_numbers})
         if rank == 0:
-            best = max(metrics, key=lambda r: r["accuracy"]) if metrics else {"accuracy": None, "round": None}
+            scored = [r for r in metrics if r["accuracy"] is not None]
+            best = max(scored, key=lambda r: r["accuracy"]) if scored else {"accuracy": None, "round": None}
             steps_done = len(step_times)
             summary = {
                 "mode": "ddp",
                 "algorithm": f"ddp-{opts.compressor}",
                 "algorithm_options": {"compressor": opts.compressor, "rank": opts.rank, "update_gap": opts.update_gap, "warmup": opts.warmup},
-                "dataset": cfg.task.dataset,
-                "model": cfg.task.model or DEFAULT_MODELS[cfg.task.dataset],
+                "dataset": info.get("dataset"),
+                "model": info.get("model"),
                 "num_parameters": dense_numbers,
                 "workers": opts.workers,
                 "backend": opts.backend,
@@ -193,7 +192,7 @@ def _worker(rank: int, cfg: ExperimentConfig, opts: DdpOptions, init_file: str, 
                 "device": str(device),
                 "machine": platform.platform(),
                 "torch": torch.__version__,
-                "rankfed": rankfed.__version__,
+                "rankfed": __version__,
             }
             Path(result_file).write_text(json.dumps(summary))
         # Tear down in order: every worker done, DDP's reducer (which holds the group and
@@ -206,17 +205,34 @@ def _worker(rank: int, cfg: ExperimentConfig, opts: DdpOptions, init_file: str, 
         dist.destroy_process_group()
 
 
-def run_ddp(cfg: ExperimentConfig, opts: DdpOptions, out_dir: str | os.PathLike, *, overwrite: bool = False, command: str | None = None) -> dict:
-    """Spawn the workers, wait for them, write and return the summary."""
-    from rankfed.runner import RunFolder, load_task_data
+def run_ddp(
+    model_fn,
+    data_fn,
+    opts: DdpOptions,
+    out_dir: str | os.PathLike,
+    *,
+    local: LocalTraining | None = None,
+    loss=None,
+    seed: int = 0,
+    overwrite: bool = False,
+    command: str | None = None,
+    config_text: str = "",
+    info: dict | None = None,
+) -> dict:
+    """Spawn the workers, wait for them, write and return the summary.
 
-    load_task_data(cfg)  # fail here, with one clear error, if the data is missing
+    ``model_fn() -> nn.Module`` (called after seeding torch with ``seed``) and ``data_fn() ->
+    ((train_x, train_y), (test_x, test_y))`` run in every worker process; ``local`` gives the
+    optimiser (``LocalTraining``: lr, batch size, ...), ``loss(output, target)`` the loss
+    (default cross-entropy)."""
+    local = local or LocalTraining()
+    task = Task(loss)
     folder = RunFolder(out_dir, overwrite=overwrite)
-    folder.write_text("config.toml", to_toml(cfg))
+    folder.write_text("config.toml", config_text)
     with tempfile.TemporaryDirectory() as tmp:
         init_file, result = os.path.join(tmp, "init"), os.path.join(tmp, "summary.json")
-        mp.spawn(_worker, args=(cfg, opts, init_file, str(folder.path), result), nprocs=opts.workers)
+        mp.spawn(_worker, args=(model_fn, data_fn, local, task, seed, opts, init_file, str(folder.path), result, dict(info or {})), nprocs=opts.workers)
         summary = json.loads(Path(result).read_text())
     summary["command"] = command
-    folder.write_text("summary.json", json.dumps(summary, indent=2) + "\n")
+    folder.write_summary(summary)
     return summary

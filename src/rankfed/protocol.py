@@ -1,0 +1,217 @@
+"""The algorithm protocol: a server half and a client half, and nothing else between them.
+
+The server decides what each selected client receives (its *downlink* payload), the client
+trains on its own data and returns an *uplink* payload, and the server folds the uplinks
+into its state. Payloads (see :mod:`rankfed.wire`) are the only thing that crosses: no
+shared Python objects, no global model read directly by a client. That is what lets one
+algorithm run unchanged in the in-process simulator, on Flower and around a user's own
+training loop.
+
+Both halves may read the static experiment (:class:`RunContext`: the number of clients,
+rounds, seed, local training settings, task), as every party of a real deployment reads
+the same experiment.
+
+Payload names starting with ``@`` are metadata scalars (``@round``, ``@num_samples``,
+``@train_loss``); all other names are the algorithm's own.
+
+Two kinds of client, and the bytes of each are counted honestly:
+
+* ``stateless`` clients remember nothing between rounds: a sampled client downloads
+  everything it needs to train (:meth:`ServerHalf.configure`, usually the model's
+  trainable tensors: whatever every party rebuilds from the run's seed, such as frozen
+  weights of the initial model, is never sent).
+* ``stateful`` clients keep a *replica* of the global model: every round the server sends
+  one broadcast (:meth:`ServerHalf.broadcast`) to all K clients, sampled or not, and each
+  applies it to its replica (:meth:`ClientHalf.sync`); sampled clients then train from
+  their replica. Cheap broadcasts (MAPA's seed and k numbers) make this the cheaper kind;
+  the broadcast is charged to all K clients every round.
+
+A client half's work is :meth:`ClientHalf.fit`; most algorithms split it in two around the
+training loop (:meth:`ClientHalf.begin`: the module to train from the downlink;
+:meth:`ClientHalf.end`: the uplink from the trained module), so a user can run their own
+loop in between, as PEFT leaves the loop to its user.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from rankfed.local import ClientData, CohortTrainer, LocalTrainer, LocalTraining, Task, TrainStats
+from rankfed.wire import Payload
+
+__all__ = [
+    "CLIENT_KINDS",
+    "RunContext",
+    "ClientContext",
+    "ServerHalf",
+    "ClientHalf",
+    "derive_seed",
+    "client_uplink",
+    "float_state",
+    "shared_state",
+]
+
+CLIENT_KINDS = ("stateless", "stateful")
+
+
+def derive_seed(*parts: int) -> int:
+    """An independent 63-bit seed from integers (a run's seed, a round, a client id, a tag):
+    the one seed derivation of rankfed, never the global RNG."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """The static experiment, known to every party: K clients, the rounds, the run's seed, how
+    clients train (``local``), what they learn (``task``) and the training device."""
+
+    num_clients: int
+    rounds: int
+    seed: int
+    local: LocalTraining = field(default_factory=LocalTraining)
+    device: torch.device = torch.device("cpu")
+    task: Task = field(default_factory=Task)
+
+    def trainer(self) -> LocalTrainer:
+        return LocalTrainer(self.local, self.rounds, self.seed, self.task)
+
+
+@dataclass
+class ClientContext:
+    """What a client half is handed for one round of local work.
+
+    ``model`` is one module object reused across clients (its weights are whatever the
+    previous client left: the client half loads what it needs from the payload or the
+    replica). ``state`` is this client's private storage, kept by the transport between
+    rounds (empty on first visit); only algorithms that need client state write to it.
+    ``replica`` is the client's synced copy of the global model for stateful clients (read
+    only), None for stateless ones. ``num_samples`` is the client's aggregation weight
+    (default: its data's size); ``run_seed`` the run's seed (default: the trainer's).
+    """
+
+    client_id: int
+    round: int
+    model: nn.Module | None = None
+    data: ClientData | None = None
+    trainer: LocalTrainer | None = None
+    state: dict = field(default_factory=dict)
+    replica: dict[str, torch.Tensor] | None = None
+    run_seed: int | None = None
+    num_samples: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.run_seed is None:
+            self.run_seed = self.trainer.seed if self.trainer is not None else 0
+        if self.num_samples is None and self.data is not None:
+            self.num_samples = self.data.num_samples
+
+    @property
+    def seed(self) -> int:
+        """A seed for this client and round (its minibatch order, its compressor's draws)."""
+        return derive_seed(self.run_seed, self.round, self.client_id, 0x5EED)
+
+
+def client_uplink(ctx: ClientContext, stats: TrainStats, tensors: dict) -> Payload:
+    """An uplink: the metadata every server half reads (``@num_samples``, the aggregation
+    weight; ``@train_loss``) followed by the algorithm's own entries."""
+    if ctx.num_samples is None:
+        raise ValueError("the client context has no num_samples (give ClientContext(..., num_samples=n))")
+    return {"@num_samples": int(ctx.num_samples), "@train_loss": float(stats.mean_loss), **tensors}
+
+
+def float_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The floating-point entries of a model's state (parameters and float buffers).
+
+    Integer buffers (BatchNorm's ``num_batches_tracked``) are bookkeeping that no
+    algorithm communicates.
+    """
+    return {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+
+
+def shared_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What a federation exchanges of ``model``: its trainable parameters (those with
+    ``requires_grad``; frozen ones are the seeded initial model's, known to every party) and
+    its floating-point buffers (BatchNorm statistics change in training). Live tensors,
+    keyed as in ``model.state_dict()``."""
+    out = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    out.update({n: b for n, b in model.named_buffers() if b.is_floating_point()})
+    return out
+
+
+class ServerHalf(ABC):
+    """The server half of an algorithm. Holds the global state."""
+
+    @abstractmethod
+    def configure(self, rnd: int, client_ids: Sequence[int]) -> dict[int, Payload]:
+        """Stateless clients: the downlink payload for each selected client. Return the
+        *same* object for clients that receive the same bytes: the transport then
+        serialises it once."""
+
+    def broadcast(self, rnd: int) -> Payload:
+        """Stateful clients: the message every client receives at the start of round
+        ``rnd`` to bring its replica up to date (what changed since the last one)."""
+        raise NotImplementedError(f"{type(self).__name__} does not support stateful clients")
+
+    @abstractmethod
+    def aggregate(self, rnd: int, replies: Sequence[tuple[int, Payload]]) -> dict[str, float]:
+        """Fold the clients' uplinks into the global state; return round statistics."""
+
+    @abstractmethod
+    def global_model_state(self) -> dict[str, torch.Tensor]:
+        """The current global model as a state dict of the user's model (for evaluation and saving)."""
+
+
+class ClientHalf(ABC):
+    """The client half of an algorithm. Stateless between calls except ``ctx.state``."""
+
+    def fit(self, payload: Payload, ctx: ClientContext) -> Payload:
+        """Train on ``ctx.data`` starting from the downlink ``payload`` (stateless) or from
+        ``ctx.replica`` and this round's broadcast (stateful); return the uplink. Must not
+        modify ``payload`` or ``ctx.replica`` in place (they may be shared). By default:
+        :meth:`begin`, the local loop over the module's trainable parameters, :meth:`end`."""
+        module = self.begin(payload, ctx)
+        stats = ctx.trainer.train(module, ctx.data, ctx.round, ctx.seed)
+        return self.end(module, ctx, stats)
+
+    def begin(self, payload: Payload, ctx: ClientContext) -> nn.Module:
+        """The module to train this round, loaded from the downlink (or the replica): its
+        parameters with ``requires_grad`` are what the algorithm trains. Train it with any
+        loop, then call :meth:`end`."""
+        raise NotImplementedError(f"{type(self).__name__} trains in phases of its own: call fit(), it has no begin/end split")
+
+    def end(self, module: nn.Module, ctx: ClientContext, stats: TrainStats) -> Payload:
+        """The uplink of ``module`` (the one :meth:`begin` returned) after local training;
+        ``stats.mean_loss`` is reported as the client's training loss."""
+        raise NotImplementedError(f"{type(self).__name__} trains in phases of its own: call fit(), it has no begin/end split")
+
+    def fit_cohort(self, payloads: Sequence[Payload], ctxs: Sequence[ClientContext], compile: bool = False) -> list[Payload] | None:
+        """Optional: the uplinks of several clients trained together (``execution =
+        "vectorized"``), equal to :meth:`fit` per client up to float summation order; None when
+        this algorithm (or these options) cannot train that way. The transport has checked
+        the model, optimiser, task and data (:func:`~rankfed.local.cohort_supported`).
+        ``compile``: run each step as one ``torch.compile`` graph."""
+        return None
+
+    def cohort_trainer(self, model: nn.Module, trainer: LocalTrainer, build=None, compile: bool = False) -> CohortTrainer:
+        """The :class:`~rankfed.local.CohortTrainer` of ``model`` kept by this client half (one
+        per model object and compile setting, so a compiled step is compiled once)."""
+        cache = self.__dict__.setdefault("_cohort_trainers", {})
+        key = (id(model), compile)
+        if key not in cache:
+            cache[key] = CohortTrainer(model, trainer.cfg, build, compile, trainer.task)
+        return cache[key]
+
+    def init_replica(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Stateful clients: the replica every client starts with. All parties build the
+        initial model from the run's seed, so this costs no bytes."""
+        return {k: v.detach().clone() for k, v in shared_state(model).items()}
+
+    def sync(self, payload: Payload, replica: dict[str, torch.Tensor]) -> None:
+        """Stateful clients: apply a broadcast to the replica, in place."""
+        raise NotImplementedError(f"{type(self).__name__} does not support stateful clients")
