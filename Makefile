@@ -15,7 +15,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[dev,flower]"
+	$(PY) -m pip install --quiet -e ".[dev,flower,hf]"
 	touch $(STAMP)
 
 demo: setup

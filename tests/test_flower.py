@@ -378,28 +378,36 @@ client = client_app(make, rounds=2, clients_per_round=2)
 '''
 
 
-@pytest.mark.slow
-def test_a_python_factory_runs_your_model_on_flower_as_the_simulator_does(deployment, tmp_path):
+def _factory_app_on_flower_and_in_the_simulator(deployment, tmp_path, name: str, code: str, extra: tuple = ()):
+    """Submit the factory App ``name`` (its module source ``code``, plus ``extra`` files) to the
+    deployment, run its ``make()`` in the simulator, and return (Flower's summary, the
+    simulator's Result, Flower's model state, the simulator's)."""
     from rankfed.flower import submit, write_app
 
     app = tmp_path / "app"
     app.mkdir()
-    shutil.copy(EXAMPLES / "own_model.py", app / "own_model.py")
-    (app / "userapp.py").write_text(FACTORY_APP, encoding="utf-8")
-    write_app(app, "userapp:server", "userapp:client", name="userapp")
+    for path in extra:
+        shutil.copy(path, app / Path(path).name)
+    (app / f"{name}.py").write_text(code, encoding="utf-8")
+    write_app(app, f"{name}:server", f"{name}:client", name=name)
     fl = submit(app, tmp_path / "fl", deployment.address, insecure=True, timeout=240)
     assert fl["status"] == "completed", fl.get("error")
     sys.path.insert(0, str(app))
     try:
-        import userapp
-
-        sim = userapp.make().run(rounds=2, clients_per_round=2, out=tmp_path / "sim")
+        module = __import__(name)
+        sim = module.make().run(rounds=2, clients_per_round=2, out=tmp_path / "sim")
     finally:
         sys.path.remove(str(app))
     a, b = torch.load(tmp_path / "fl" / "model.pt"), torch.load(tmp_path / "sim" / "model.pt")
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    return fl, sim, a, b
+
+
+@pytest.mark.slow
+def test_a_python_factory_runs_your_model_on_flower_as_the_simulator_does(deployment, tmp_path):
+    fl, sim, _, _ = _factory_app_on_flower_and_in_the_simulator(deployment, tmp_path, "userapp", FACTORY_APP, (EXAMPLES / "own_model.py",))
     for key in ("total_uplink_bytes", "total_downlink_bytes", "final_accuracy", "uploads", "loss"):
         assert fl[key] == sim.summary[key], key
 
@@ -417,3 +425,46 @@ def test_the_examples_experiment_file_naming_user_code_runs_on_flower(deployment
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
     assert fl["total_uplink_bytes"] == sim["total_uplink_bytes"] and fl["final_accuracy"] == sim["final_accuracy"]
+
+
+# A Hugging Face GPT-2 under PEFT adapters as a Flower App from a factory (issue 17)
+HF_APP = '''
+import torch
+
+import rankfed as rf
+from rankfed.flower import client_app, server_app
+from peft import LoraConfig, get_peft_model
+from transformers import GPT2Config, GPT2LMHeadModel
+
+
+def model():
+    cfg = GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=1, n_head=2, bos_token_id=1, eos_token_id=1)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], lora_dropout=0.0, fan_in_fan_out=True)
+    return get_peft_model(GPT2LMHeadModel(cfg), lora)
+
+
+def data(n, seed):
+    ids = torch.randint(2, 40, (n, 12), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    mask[:, 9:] = 0
+    return {"input_ids": ids, "attention_mask": mask}, ids.masked_fill(mask == 0, -100)
+
+
+def make(context=None):
+    return rf.Federation(model, [data(12, i) for i in range(3)], test=data(8, 9), algorithm=rf.FedLoRU(tau=1),
+                         local=rf.LocalTraining(optimizer="adamw", lr=1e-2, batch_size=4), seed=3)
+
+
+server = server_app(make, rounds=2, clients_per_round=2)
+client = client_app(make, rounds=2, clients_per_round=2)
+'''
+
+
+@pytest.mark.slow
+def test_peft_fine_tuning_of_a_gpt2_on_flower_ends_with_the_simulators_adapters(deployment, tmp_path):
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    fl, sim, a, _ = _factory_app_on_flower_and_in_the_simulator(deployment, tmp_path, "hfapp", HF_APP)
+    assert any("lora_A" in k for k in a) and any("base_layer" in k for k in a)  # the adapters and the base they were merged into (tau = 1)
+    for key in ("total_uplink_bytes", "total_downlink_bytes", "loss", "uploads"):
+        assert fl[key] == sim.summary[key], key

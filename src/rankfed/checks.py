@@ -190,12 +190,9 @@ def _import(module_name: str, search: Sequence[str]):
 def object_path(obj: Any) -> str | None:
     """``"module:qualname"`` of an importable module-level class or function (the path
     :func:`load_object` reads back); None for lambdas, local objects and ``__main__``."""
-    target = obj.func if hasattr(obj, "func") and hasattr(obj, "args") else obj  # functools.partial: its function
-    module, qualname = getattr(target, "__module__", None), getattr(target, "__qualname__", None)
+    module, qualname = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
     if not module or not qualname or module == "__main__" or "<" in qualname:
-        return None
-    if target is not obj:  # a partial's arguments are not in a path
-        return None
+        return None  # (a functools.partial has no __qualname__: its arguments are not in a path)
     try:
         found = load_object(f"{module}:{qualname}", "path")
     except ConfigError:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -36,6 +37,7 @@ from rankfed.checks import bad, describe_object
 from rankfed.errors import ConfigError, Diverged
 from rankfed.local import ClientData, LocalTraining, Task, as_client_data
 from rankfed.local.data import dataset_bytes, memory_budget
+from rankfed.lowrank.peft_lora import is_peft_model, peft_config_of
 from rankfed.protocol import RunContext
 from rankfed.server import RESUME_FILE, Experiment, RoundRecord, RunFolder, RunOptions, summarize
 from rankfed.sim import Simulator
@@ -131,7 +133,8 @@ class Federation:
     ):
         if not (isinstance(model, nn.Module) or callable(model)):
             raise bad("model", model, "must be an nn.Module or a factory returning one (a class, a function)")
-        if isinstance(clients, (str, bytes)) or not isinstance(clients, Sequence) or isinstance(clients, tuple) and len(clients) == 2 and isinstance(clients[0], torch.Tensor):
+        one_pair = isinstance(clients, tuple) and len(clients) == 2 and isinstance(clients[0], torch.Tensor)  # (x, y) of one client
+        if isinstance(clients, (str, bytes)) or not isinstance(clients, Sequence) or one_pair:
             raise ConfigError(f"clients: expected a list with one entry per client (a Dataset, an (x, y) pair or a ClientData), got {type(clients).__name__}")
         if len(clients) < 1:
             raise ConfigError("clients: the list is empty; give at least one client's data")
@@ -212,23 +215,31 @@ class Federation:
         per_round = len(clients) if clients_per_round is None else clients_per_round
         if isinstance(per_round, bool) or not isinstance(per_round, int) or not 1 <= per_round <= len(clients):
             raise bad("clients_per_round", per_round, f"must be an int in [1, {len(clients)}] (the number of clients)")
-        ctx = RunContext(num_clients=len(clients), rounds=rounds, seed=self.seed, local=self.local, device=self.device, task=self.task)
-        exp = Experiment(self.algorithm, self.initial_model(), clients, test, ctx, per_round, options, self._info(), "")
+        ctx = self.run_context(rounds)
+        model = self.initial_model()
+        exp = Experiment(self.algorithm, model, clients, test, ctx, per_round, options, self._info(model), "")
         exp.config_text = self.config_text if self.config_text is not None else self._config_text(exp)
         return exp
+
+    def run_context(self, rounds: int) -> RunContext:
+        """The static experiment every party reads: K, rounds, seed, local training, device, task."""
+        return RunContext(num_clients=self.num_clients, rounds=rounds, seed=self.seed, local=self.local, device=self.device, task=self.task)
 
     def simulator(self, rounds: int = 20, clients_per_round: int | None = None, **run_options) -> Simulator:
         """An in-process :class:`~rankfed.sim.Simulator` of this federation (``run_round(r)`` by hand)."""
         return Simulator(self.experiment(rounds, clients_per_round, **run_options))
 
-    def _info(self) -> dict:
+    def _info(self, model: nn.Module | None = None) -> dict:
         info = {"model": describe_object(self.model) if not isinstance(self.model, nn.Module) else f"<python: {type(self.model).__qualname__} instance>", "dataset": f"<python: {self.num_clients} clients>", "partition": "given"}
+        config = peft_config_of(model) if model is not None and is_peft_model(model) else None
+        if config is not None:  # what the LoRA family trains: the PEFT adapters, not the algorithm's rank option
+            info["adapters"] = f"peft LoRA r={config.r}, lora_alpha={config.lora_alpha}, target_modules={sorted(config.target_modules or [])}"
         return info | self.info
 
     def describe(self, exp: Experiment) -> dict:
         """The experiment as an experiment file's tables (what ``config.toml`` holds)."""
         o = exp.options
-        task = self.task.describe()
+        task = self.task.describe(exp.model)
         return {
             "task": {"model": exp.info["model"], "dataset": exp.info["dataset"], "holdout": self.holdout, "loss": task["loss"], "metrics": task["metrics"]},
             "federation": {"clients": len(exp.clients), "participation": exp.participation, "seed": self.seed, "device": str(self.device), **{k: getattr(o, k) for k in o.__dataclass_fields__}},
@@ -321,8 +332,6 @@ def _load_resume(folder: RunFolder, out) -> dict:
 
 def _save_resume(folder: RunFolder, sim: Simulator, exp: Experiment, wall_s: float) -> None:
     """``resume.pt``, written atomically (a kill mid-write leaves the last one)."""
-    import os
-
     tmp = folder.path / f".{RESUME_FILE}.tmp"
     torch.save(sim.state_dict(exp.config_text, wall_s), tmp)
     os.replace(tmp, folder.path / RESUME_FILE)

@@ -190,6 +190,15 @@ class ClientHalf(ABC):
         ``stats.mean_loss`` is reported as the client's training loss."""
         raise NotImplementedError(f"{type(self).__name__} trains in phases of its own: call fit(), it has no begin/end split")
 
+    def _remember_start(self, ctx: ClientContext, start: Payload) -> None:
+        """Keep what a client started from between :meth:`begin` and :meth:`end` (by client and
+        round: a loop of your own may interleave clients)."""
+        self.__dict__.setdefault("_starts", {})[ctx.client_id, ctx.round] = start
+
+    def _start_of(self, ctx: ClientContext) -> Payload:
+        """What :meth:`begin` started ``ctx``'s client from (forgotten once read)."""
+        return self.__dict__.setdefault("_starts", {}).pop((ctx.client_id, ctx.round))
+
     def fit_cohort(self, payloads: Sequence[Payload], ctxs: Sequence[ClientContext], compile: bool = False) -> list[Payload] | None:
         """Optional: the uplinks of several clients trained together (``execution =
         "vectorized"``), equal to :meth:`fit` per client up to float summation order; None when

@@ -76,7 +76,6 @@ class FedAvgClient(ClientHalf):
     def __init__(self, model: nn.Module, codec: UplinkCodec):
         self.codec = codec
         self.names = list(shared_state(model))
-        self._starts: dict[tuple[int, int], Payload] = {}  # (client, round) -> its start, between begin and end
 
     def sync(self, payload: Payload, replica: dict[str, torch.Tensor]) -> None:
         add_present_(replica, payload)  # round 1's broadcast carries no update yet
@@ -88,11 +87,11 @@ class FedAvgClient(ClientHalf):
         """``ctx.model`` holding the global model (its trainable parameters are trained)."""
         start = self._start(payload, ctx)
         load_weights(ctx.model, start, self.names)
-        self._starts[ctx.client_id, ctx.round] = start
+        self._remember_start(ctx, start)
         return ctx.model
 
     def end(self, module: nn.Module, ctx: ClientContext, stats: TrainStats) -> Payload:
-        start = self._starts.pop((ctx.client_id, ctx.round))
+        start = self._start_of(ctx)
         state = module.state_dict()
         with torch.no_grad():
             delta = {n: state[n] - start[n].to(state[n].device) for n in self.names}

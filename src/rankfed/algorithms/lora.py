@@ -15,6 +15,11 @@ same and every ``tau`` rounds the server and the clients merge
 (``random``: down Kaiming-uniform from a seed both sides derive, up zero; or
 ``momentum``: keep them), so the global model's rank grows with each merge.
 
+A model under PEFT adapters (``peft.get_peft_model``) keeps PEFT's LoRA layers: its
+``LoraConfig`` chooses the layers, rank and scale; the active adapter's ``lora_A`` / ``lora_B``
+are the factors, merged with PEFT's merge (:mod:`rankfed.lowrank.peft_lora`); the global
+model is the PeftModel's own state dict (``save_pretrained`` writes the adapter folder).
+
 Base weights and the initial factors are rebuilt from the run's seed by every
 party, so the global state is the trained tensors: that is the downlink of a
 stateless client until the first merge (after it, the moved base weights of
@@ -28,6 +33,7 @@ change of the trained tensors.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import warnings
 from collections.abc import Sequence
@@ -43,10 +49,11 @@ from rankfed.compress import low_rank_pays
 from rankfed.errors import ConfigError
 from rankfed.local import TrainStats
 from rankfed.lowrank import apply_lora, dense_state_dict, lora_layers, merge_all
+from rankfed.lowrank.peft_lora import active_adapter, adapter_params, is_peft_model, merge_adapter, peft_base_weights, peft_config_of, peft_lora_layers
 from rankfed.protocol import ClientContext, ClientHalf, RunContext, ServerHalf, client_uplink, derive_seed, shared_state
 from rankfed.wire import Payload
 
-__all__ = ["FALoRA", "FedLoRA", "FedLoRU", "LoraOptions", "build_lora_model", "warn_large_factors"]
+__all__ = ["FALoRA", "FedLoRA", "FedLoRU", "LoraOptions", "build_lora_model", "factor_pairs", "global_state", "warn_large_factors"]
 
 
 @dataclass
@@ -86,17 +93,76 @@ def _merge_seed(run_seed: int, rnd: int) -> int:
 
 def _merge(model: nn.Module, reinit: str, seed: int) -> None:
     """Merge every wrapper's factors into its base and re-initialise them (same draws on every party)."""
-    merge_all(model, reinit, generator=torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed)
+    if is_peft_model(model):
+        merge_adapter(model, active_adapter(model), reinit, gen)
+    else:
+        merge_all(model, reinit, generator=gen)
 
 
 def _base_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """The live base weights of the factorised layers, by state-dict name."""
+    if is_peft_model(model):
+        return peft_base_weights(model)
     return {f"{n}.base_layer.weight": layer.base_layer.weight for n, layer in lora_layers(model).items()}
+
+
+def factor_pairs(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(base weight, down, up) of every factorised layer by name: rankfed's wrappers or the
+    active PEFT adapter's ``lora_A`` / ``lora_B``."""
+    if is_peft_model(model):
+        adapter = active_adapter(model)
+        return {n: (layer.get_base_layer().weight, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight) for n, layer in peft_lora_layers(model).items() if adapter in layer.lora_A}
+    return {n: (layer.base_layer.weight, layer.down.weight, layer.up.weight) for n, layer in lora_layers(model).items()}
+
+
+def global_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The global model's state under the user's model's keys: a PEFT model's own state dict
+    (base and adapters), or the plain model equivalent to rankfed's wrappers."""
+    if is_peft_model(model):
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return dense_state_dict(model)
+
+
+_PEFT_CHOSEN = ("rank", "alpha", "patterns", "exclude")
+
+
+def _peft_copy(model: nn.Module, opts: LoraOptions, freeze_down: bool) -> nn.Module:
+    """A copy of a PEFT model with its own adapters as the factors: the LoraConfig chooses the
+    layers, rank and scale, so an option of rankfed's own layers that says otherwise is an error."""
+    config = peft_config_of(model)
+    defaults = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default) for f in dataclasses.fields(opts)}
+    for key in _PEFT_CHOSEN:
+        value = getattr(opts, key)
+        if value == defaults[key]:
+            continue
+        if key == "rank" and config is not None and value == config.r:
+            continue
+        if key == "alpha" and config is not None and value == config.lora_alpha:
+            continue
+        raise ConfigError(
+            f"algorithm.{key} = {value!r}: the model is under PEFT adapters, whose LoraConfig chooses the layers, rank and scale "
+            f"(r = {getattr(config, 'r', '?')}, lora_alpha = {getattr(config, 'lora_alpha', '?')}, target_modules = {sorted(getattr(config, 'target_modules', None) or [])}); "
+            "leave it unset or pass a plain model"
+        )
+    wrapped = copy.deepcopy(model)
+    try:
+        adapter = active_adapter(wrapped)
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
+    if freeze_down:  # FA-LoRA: A stays at its (shared) draw; only B trains and travels
+        for name, t in adapter_params(wrapped, adapter).items():
+            if ".lora_A." in name:
+                t.requires_grad_(False)
+    return wrapped
 
 
 def build_lora_model(model: nn.Module, opts: LoraOptions, run_seed: int, freeze_down: bool) -> nn.Module:
     """A wrapped copy of the seeded initial ``model``; the factors' random draws come from
-    the run's seed, so the server and every client build the same one."""
+    the run's seed, so the server and every client build the same one. A PEFT model keeps
+    its own adapters (every party copies the same ones)."""
+    if is_peft_model(model):
+        return _peft_copy(model, opts, freeze_down)
     wrapped = copy.deepcopy(model)
     gen = torch.Generator().manual_seed(_factor_seed(run_seed))
     try:
@@ -123,13 +189,13 @@ def warn_large_factors(wrapped: nn.Module, option: str = "algorithm.rank") -> No
     layer it updates (a rank above what saves anything): sent every round, they cost more than
     FedAvg would for that layer."""
     big = []
-    for name, layer in lora_layers(wrapped).items():
-        weight = layer.base_layer.weight
-        factors = layer.down.weight.numel() + layer.up.weight.numel()
+    pairs = factor_pairs(wrapped)
+    for name, (weight, down, up) in pairs.items():
+        factors = down.numel() + up.numel()
         if not low_rank_pays(weight.shape, factors, min_saving=1.0):
-            big.append((name, factors * layer.down.weight.element_size(), weight.numel() * weight.element_size()))
+            big.append((name, factors * down.element_size(), weight.numel() * weight.element_size()))
     if big:
-        rank = next(iter(lora_layers(wrapped).values())).rank
+        rank = next(iter(pairs.values()))[1].shape[0]
         shown = "; ".join(f"{n}: factors {describe_bytes(f)} vs dense {describe_bytes(d)}" for n, f, d in big[:4]) + ("; ..." if len(big) > 4 else "")
         total_f, total_d = sum(f for _, f, _ in big), sum(d for _, _, d in big)
         warnings.warn(
@@ -173,7 +239,7 @@ class LoraServer(ServerHalf):
         return {"clients": len(replies), "train_loss": mean_train_loss(replies, weights)}
 
     def global_model_state(self) -> dict[str, torch.Tensor]:
-        return dense_state_dict(self.model)
+        return global_state(self.model)
 
     def upload_tensors(self) -> dict[str, torch.Tensor]:
         """What an honest upload holds (its size bounds the uploads the server accepts)."""
@@ -187,7 +253,6 @@ class LoraClient(ClientHalf):
         self.base = _base_weights(wrapped)
         # The seeded initial base: what a stateless client knows without downloading anything.
         self.base0 = {k: v.detach().clone() for k, v in self.base.items()}
-        self._starts: dict[tuple[int, int], Payload] = {}  # (client, round) -> its start, between begin and end
 
     def init_replica(self, model: nn.Module) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in {**self.shared, **self.base}.items()}
@@ -214,11 +279,11 @@ class LoraClient(ClientHalf):
         downlink or the replica."""
         start = ctx.replica if ctx.replica is not None else payload
         self._load(start)
-        self._starts[ctx.client_id, ctx.round] = start
+        self._remember_start(ctx, start)
         return self.model
 
     def end(self, module: nn.Module, ctx: ClientContext, stats: TrainStats) -> Payload:
-        start = self._starts.pop((ctx.client_id, ctx.round))
+        start = self._start_of(ctx)
         with torch.no_grad():
             delta = {n: v.detach() - start[n].to(v.device) for n, v in self.shared.items()}
         return client_uplink(ctx, stats, self.codec.encode(delta, ctx.state, ctx.seed))

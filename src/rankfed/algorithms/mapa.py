@@ -186,7 +186,6 @@ class MapaClient(ClientHalf):
     def __init__(self, model: nn.Module, geo: _Geometry, codec: UplinkCodec):
         self.geo, self.codec = geo, codec
         self.shared = list(shared_state(model))
-        self._starts: dict[tuple[int, int], Payload] = {}  # (client, round) -> its start, between begin and end
 
     def sync(self, payload: Payload, replica: dict[str, torch.Tensor]) -> None:
         """Apply the last round's update: W += vec(A_prev B_prev)[:d] (and buffer means)."""
@@ -210,12 +209,12 @@ class MapaClient(ClientHalf):
     def begin(self, payload: Payload, ctx: ClientContext) -> MapaModule:
         """The round's model as a :class:`MapaModule` (train its one parameter, B)."""
         start = self._load(payload, ctx)
-        self._starts[ctx.client_id, ctx.round] = start
+        self._remember_start(ctx, start)
         device = next(ctx.model.parameters()).device
         return MapaModule(ctx.model, self.geo.layout, self.geo.a(int(payload["@seed"]), device), self.geo.k)
 
     def end(self, module: nn.Module, ctx: ClientContext, stats: TrainStats) -> Payload:
-        start = self._starts.pop((ctx.client_id, ctx.round))
+        start = self._start_of(ctx)
         tensors = {"B": module.B.detach().clone()}
         with torch.no_grad():
             for name, buf in _float_buffers(module.base).items():

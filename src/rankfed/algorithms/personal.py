@@ -35,9 +35,9 @@ from rankfed.algorithms.base import Algorithm, register
 from rankfed.algorithms.compression import UplinkCodec
 from rankfed.algorithms.lora import FedLoRU, LoraClient, LoraOptions, LoraServer, build_lora_model, warn_large_factors
 from rankfed.errors import ConfigError
-from rankfed.local import LocalTrainer, call_model, logits_of
-from rankfed.local.task import accuracy_counts
+from rankfed.local import LocalTrainer
 from rankfed.lowrank import kaiming_down_zero_up, lora_layers
+from rankfed.lowrank.peft_lora import add_personal_adapter, is_peft_model
 from rankfed.protocol import ClientContext, ClientHalf, RunContext, ServerHalf, client_uplink, derive_seed
 from rankfed.wire import Payload
 
@@ -137,7 +137,7 @@ class PersonalClient(LoraClient):
         correct = count = 0
         try:
             for x, y in data.batches(1024, split="val"):
-                counts = accuracy_counts(logits_of(call_model(self.model, x)), y)
+                counts = ctx.trainer.task.correct_counts(self.model, x, y)
                 if counts is None:
                     return 0, 0
                 correct += int(counts[0])
@@ -195,14 +195,18 @@ class PFedLoRU(FedLoRU):
     def make_client(self, model: nn.Module, ctx: RunContext) -> ClientHalf:
         o = self
         wrapped = build_lora_model(model, o, ctx.seed, freeze_down=False)
+        alpha = float(o.personal_alpha or o.personal_rank)
         try:
-            for layer in lora_layers(wrapped).values():
-                layer.add_personal(o.personal_rank, float(o.personal_alpha or o.personal_rank))
+            if is_peft_model(wrapped):  # the personal pair is a second named PEFT adapter
+                personal = add_personal_adapter(wrapped, o.personal_rank, alpha)
+            else:
+                for layer in lora_layers(wrapped).values():
+                    layer.add_personal(o.personal_rank, alpha)
+                personal = _personal_pairs(wrapped, own_pair=False)
         except (RuntimeError, MemoryError) as e:  # a rank so large the personal factors cannot be allocated
             raise ConfigError(
                 f"algorithm.personal_rank = {o.personal_rank}: the personal factors cannot be built ({type(e).__name__}: {e})"
             ) from None
-        personal = _personal_pairs(wrapped, own_pair=False)
         return PersonalClient(wrapped, personal, UplinkCodec(o), ctx.seed, o.personal_epochs, "alternate", o.reinit)
 
 
@@ -231,6 +235,11 @@ class PFedLoRA(LoraOptions, Algorithm):
         _check_personal(self)
 
     def _wrapped(self, model: nn.Module, ctx: RunContext) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+        if is_peft_model(model):
+            raise ConfigError(
+                "algorithm.name = 'pfedlora': pFedLoRA shares and trains the full model W, which a PEFT model freezes; "
+                "use pfedloru (shared and personal PEFT adapters) or pass the plain model"
+            )
         wrapped = build_lora_model(model, self, ctx.seed, freeze_down=False)
         personal = _personal_pairs(wrapped, own_pair=True)
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}

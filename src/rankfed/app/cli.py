@@ -51,6 +51,7 @@ class _ProgressReporter:
         self.console, self.total, self.label, self.quiet = console, total, label, quiet
         self.progress: Progress | None = None
         self.acc: float | None = None
+        self.loss: float | None = None
 
     def __enter__(self) -> _ProgressReporter:
         if not self.quiet and self.console.is_terminal:
@@ -78,7 +79,7 @@ class _ProgressReporter:
             self.loss = rec.loss
         if self.acc is not None:
             acc = f"acc {100 * self.acc:5.1f}%"
-        elif getattr(self, "loss", None) is not None:
+        elif self.loss is not None:
             acc = f"loss {self.loss:8.4g}"
         else:
             acc = "acc   -  "

@@ -52,8 +52,9 @@ from flwr.supercore import log
 
 from rankfed.errors import ConfigError, Diverged
 from rankfed.local import ClientData
-from rankfed.protocol import ClientContext, RunContext
+from rankfed.protocol import ClientContext
 from rankfed.server import RunFolder, RunOptions, summarize
+from rankfed.server.experiment import resolve_client_kind
 
 from .records import payload_to_records, records_to_payload
 from .strategy import META, QuickPollGrid, RankfedStrategy, hosted_clients
@@ -158,13 +159,12 @@ class Node:
             clients, _ = fed.data()
             self.data = {cid: clients[cid] for cid in self.clients}
             _cache_data(context, self.data)
-        ctx = RunContext(num_clients=fed.num_clients, rounds=rounds, seed=fed.seed, local=fed.local, device=fed.device, task=fed.task)
+        ctx = fed.run_context(rounds)
         self.model = fed.initial_model().to(ctx.device)
         self.client = fed.algorithm.make_client(self.model, ctx)
         self.trainer = ctx.trainer()
         self.data = {cid: d.to(ctx.device) for cid, d in self.data.items()}
-        kind = run.client_kind
-        self.kind = fed.algorithm.default_client_kind if kind == "auto" else kind
+        self.kind = resolve_client_kind(fed.algorithm, run.client_kind)
 
 
 def _cached_data(context: Context, clients: list[int]) -> dict[int, ClientData] | None:

@@ -63,6 +63,8 @@ def cohort_supported(model: nn.Module, cfg: LocalTraining, task: Task | None = N
             return f"the model has buffer {name!r}, which is not a BatchNorm statistic"
         if bn.momentum is None:
             return f"BatchNorm with momentum=None (a cumulative average) at {name!r}"
+    if task is not None and task.model_loss(model):
+        return "the model computes its own loss from labels (a Hugging Face model)"
     if has_dropout(model):
         return "the model has dropout (its randomness would differ under vmap)"
     if data is not None and not data.in_memory:

@@ -26,7 +26,7 @@ __all__ = ["ClientData", "as_client_data", "dataset_bytes", "memory_budget"]
 Inputs = torch.Tensor | dict[str, torch.Tensor]
 
 
-def _index(x: Inputs, idx: torch.Tensor) -> Inputs:
+def _index(x: Inputs, idx: torch.Tensor | slice) -> Inputs:
     return {k: v[idx] for k, v in x.items()} if isinstance(x, dict) else x[idx]
 
 
@@ -100,7 +100,7 @@ class ClientData:
             x, y = (self.x, self.y) if split == "train" else (self.val_x, self.val_y)
             for s in range(0, len(y), batch_size):
                 idx = slice(s, s + batch_size)
-                yield ({k: v[idx] for k, v in x.items()} if isinstance(x, dict) else x[idx]), y[idx]
+                yield _index(x, idx), y[idx]
             return
         ds = self.dataset if split == "train" else self.val_dataset
         n = len(ds) if ds is not None else 0

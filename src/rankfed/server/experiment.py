@@ -19,7 +19,7 @@ from rankfed.checks import bad, check_fields, choice
 from rankfed.local import ClientData
 from rankfed.protocol import RunContext
 
-__all__ = ["RunOptions", "Experiment", "EXECUTIONS"]
+__all__ = ["RunOptions", "Experiment", "EXECUTIONS", "resolve_client_kind"]
 
 EXECUTIONS = ("auto", "sequential", "vectorized")
 
@@ -77,6 +77,11 @@ class RunOptions:
             raise bad("federation.checkpoint_every", self.checkpoint_every, "must be >= 0 (0 = no checkpoints)")
 
 
+def resolve_client_kind(algorithm: Algorithm, kind: str) -> str:
+    """``kind``, or for ``"auto"`` the kind the algorithm's paper assumes."""
+    return algorithm.default_client_kind if kind == "auto" else kind
+
+
 @dataclass
 class Experiment:
     """Everything a transport needs to run one federation (see the module docstring)."""
@@ -103,8 +108,7 @@ class Experiment:
     @property
     def client_kind(self) -> str:
         """The client kind in force: as configured, or the algorithm's paper default for "auto"."""
-        kind = self.options.client_kind
-        return self.algorithm.default_client_kind if kind == "auto" else kind
+        return resolve_client_kind(self.algorithm, self.options.client_kind)
 
     @property
     def participation(self) -> float:

@@ -246,16 +246,23 @@ class Evaluator:
     def due(self, rnd: int) -> bool:
         return rnd % self.eval_every == 0 or rnd == self.rounds
 
+    def measure(self, state: dict[str, torch.Tensor]) -> dict[str, float | None]:
+        """Loss, accuracy (None where it means nothing) and the metrics of the model ``state``
+        on the test data (empty without test data)."""
+        if self.test is None or self.test.num_samples == 0:
+            return {}
+        self.model.load_state_dict(state)
+        return self.task.evaluate(self.model, self.test.batches(self.batch_size))
+
     def __call__(self, rec: RoundRecord, state: dict[str, torch.Tensor]) -> RoundRecord:
         """Evaluate ``state`` into ``rec`` (if due)."""
         if not self.due(rec.round):
             return rec
         rec.evaluated = True
-        if self.test is None or self.test.num_samples == 0:
-            return rec
         t1 = time.perf_counter()
-        self.model.load_state_dict(state)
-        result = self.task.evaluate(self.model, self.test.batches(self.batch_size))
+        result = self.measure(state)
+        if not result:
+            return rec
         rec.loss, rec.accuracy = result.pop("loss"), result.pop("accuracy")
         rec.metrics = result
         rec.eval_s = time.perf_counter() - t1

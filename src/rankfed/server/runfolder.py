@@ -156,7 +156,7 @@ def summarize(exp: Experiment, history: list[RoundRecord], wall_s: float, comman
         "dataset": exp.info.get("dataset"),
         "partition": exp.info.get("partition"),
         "model": exp.info.get("model"),
-        "loss": exp.ctx.task.describe()["loss"],
+        "loss": exp.ctx.task.describe(exp.model)["loss"],
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "trainable_parameters": trainable,
         "clients": len(exp.clients),

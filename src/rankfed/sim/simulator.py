@@ -205,10 +205,8 @@ class Simulator:
 
     def evaluate(self, global_state: dict[str, torch.Tensor] | None = None) -> tuple[float | None, float | None]:
         """(accuracy, loss) of the current global model on the test data."""
-        state = self.server.global_model_state() if global_state is None else global_state
-        rec = RoundRecord(round=self.ctx.rounds, clients=[], uplink_bytes=0, downlink_bytes=0, cum_uplink_bytes=0, cum_downlink_bytes=0, round_s=0.0, wall_s=0.0, train_loss=float("nan"))
-        self.evaluator(rec, state)
-        return rec.accuracy, rec.loss
+        result = self.evaluator.measure(self.server.global_model_state() if global_state is None else global_state)
+        return result.get("accuracy"), result.get("loss")
 
     def evaluate_personal(self, rnd: int) -> float | None:
         """Mean over clients of each client's personalised accuracy on its own held-out split
