@@ -334,3 +334,18 @@ def test_alpaca_style_jsonl_is_read_and_only_the_response_is_learned(tmp_path):
         warnings.simplefilter("always")
         instruction_samples(records, tok, max_length=20)
     assert any("cuts off the whole response" in str(w.message) for w in caught)
+
+
+def test_a_lora_config_puts_the_same_peft_adapters_on_every_partys_model():
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS, lora_dropout=0.0, fan_in_fan_out=True)
+    clients = [lm_data(8, seed=i) for i in range(2)]
+    fed = rf.Federation(gpt2, clients, test=lm_data(4, seed=9), algorithm=rf.FedLoRA(), adapters=lora, local=rf.LocalTraining(optimizer="adamw", lr=1e-2, batch_size=4))
+    a, b = fed.initial_model(), fed.initial_model()
+    assert isinstance(a, PeftModel) and _adapter_names(a)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))  # seeded: every party alike
+    result = fed.run(rounds=1)
+    assert isinstance(result.model, PeftModel)
+    assert result.summary["trainable_parameters"] == sum(p.numel() for n, p in a.named_parameters() if "lora_" in n)
+    assert "peft LoRA r=2" in result.summary["adapters"]
+    with pytest.raises(ConfigError, match="adapters"):
+        rf.Federation(gpt2, clients, adapters={"r": 2})

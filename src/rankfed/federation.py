@@ -110,6 +110,10 @@ class Federation:
         holdout: fraction of each client's data held out as its own validation split (the
             personalised algorithms' ``personal_accuracy``).
         in_memory: ``"auto"``, True (materialise every Dataset) or False (stream them).
+        adapters: a ``peft`` config (``LoraConfig(r=8, target_modules=[...])``): the model gets
+            these PEFT adapters (``get_peft_model``, after seeding torch with ``seed``) and the
+            LoRA family trains and sends them. None: the model as given (already a PeftModel, or
+            no PEFT at all).
         info, config_text: set by front ends (the experiment files): what the summary says the
             model and data are, and the run folder's ``config.toml``.
     """
@@ -127,6 +131,7 @@ class Federation:
         device: str | torch.device = "cpu",
         holdout: float = 0.0,
         in_memory: bool | str = "auto",
+        adapters: Any = None,
         *,
         info: Mapping | None = None,
         config_text: str | None = None,
@@ -159,7 +164,10 @@ class Federation:
         self.model = model
         self.algorithm, self.local = algorithm, local
         self.task = Task(loss, dict(metrics or {}))
+        if adapters is not None and not any(c.__name__ == "PeftConfig" for c in type(adapters).__mro__):
+            raise bad("adapters", adapters, "must be a peft config such as peft.LoraConfig(r=8, target_modules=[...]), or None")
         self.seed, self.holdout, self.in_memory = seed, float(holdout), in_memory
+        self.adapters = adapters
         self.device = resolve_device(device)
         self._raw_clients, self._raw_test = clients, test
         self._data: tuple[list[ClientData], ClientData | None] | None = None
@@ -173,13 +181,22 @@ class Federation:
         return len(self._raw_clients)
 
     def initial_model(self) -> nn.Module:
-        """The seeded initial model every party starts from."""
+        """The seeded initial model every party starts from (under ``adapters``, if given)."""
         if isinstance(self.model, nn.Module):
-            return copy.deepcopy(self.model)
-        torch.manual_seed(self.seed)
-        built = self.model()
-        if not isinstance(built, nn.Module):
-            raise bad("model", self.model, f"the factory returned a {type(built).__name__}, not an nn.Module")
+            built = copy.deepcopy(self.model)
+        else:
+            torch.manual_seed(self.seed)
+            built = self.model()
+            if not isinstance(built, nn.Module):
+                raise bad("model", self.model, f"the factory returned a {type(built).__name__}, not an nn.Module")
+        if self.adapters is not None:
+            from peft import get_peft_model
+
+            torch.manual_seed(self.seed)  # PEFT draws lora_A from torch's RNG: the same adapters on every party
+            try:
+                built = get_peft_model(built, copy.deepcopy(self.adapters))
+            except (ValueError, KeyError, TypeError) as e:
+                raise ConfigError(f"adapters: PEFT could not add them to the model ({type(e).__name__}: {e})") from None
         return built
 
     def data(self) -> tuple[list[ClientData], ClientData | None]:

@@ -150,6 +150,8 @@ def summarize(exp: Experiment, history: list[RoundRecord], wall_s: float, comman
         best_p = max(personal, key=lambda r: r.personal_accuracy)
         extra |= {"best_personal_accuracy": best_p.personal_accuracy, "best_personal_round": best_p.round, "final_personal_accuracy": personal[-1].personal_accuracy}
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if "adapters" in exp.info:  # PEFT adapters: what the LoRA family trains (its rank options do not apply)
+        extra["adapters"] = exp.info["adapters"]
     return {
         "algorithm": exp.algorithm.name,
         "algorithm_options": exp.algorithm.describe(),
