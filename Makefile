@@ -22,7 +22,7 @@ demo: setup
 	$(VENV)/bin/rankfed demo
 
 test: setup
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --durations=15
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info

@@ -1,5 +1,8 @@
 """FedHM: SVD factorisation on the server, recovery and averaging of full weights."""
 
+import copy
+
+import pytest
 import torch
 from torch import nn
 
@@ -90,3 +93,32 @@ def test_tiers_get_their_own_rank_and_the_server_averages_all_recovered_kernels(
         full = [(p[f"{name}.up.weight"].reshape(w.shape[0], -1) @ p[f"{name}.down.weight"].reshape(p[f"{name}.down.weight"].shape[0], -1)).reshape(w.shape) for _, p in replies]
         expect = sum(sizes[cid] * f for (cid, _), f in zip(replies, full)) / sum(sizes[cid] for cid, _ in replies)
         torch.testing.assert_close(sim.server.state[f"{name}.weight"], expect, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_a_base_free_layer_computes_its_factors_and_bias_without_the_dense_product(kind):
+    """FedHM's layers: the same output (bitwise) and gradients (float tolerance) as the old
+    zero-weight base path, and the base layer is never called."""
+    from rankfed.lowrank import apply_lora, lora_layers
+
+    torch.manual_seed(0)
+    layer = nn.Linear(7, 5) if kind == "linear" else nn.Conv2d(3, 6, 3, stride=2, padding=1)
+    x = torch.randn(4, 7) if kind == "linear" else torch.randn(2, 3, 9, 9)
+    zero_base, base_free = nn.Sequential(copy.deepcopy(layer)), nn.Sequential(copy.deepcopy(layer))
+    for m in (zero_base, base_free):
+        apply_lora(m, 3, 3.0, patterns=["0"], exclude=[], generator=torch.Generator().manual_seed(1))
+    a, b = lora_layers(zero_base)["0"], lora_layers(base_free)["0"]
+    with torch.no_grad():
+        a.up.weight.normal_(generator=torch.Generator().manual_seed(2))
+        b.up.weight.copy_(a.up.weight)
+        a.base_layer.weight.zero_()
+    b.make_base_free()
+    calls = []
+    b.base_layer.register_forward_hook(lambda *args: calls.append(1))
+    out_a, out_b = zero_base(x), base_free(x)
+    assert torch.equal(out_a, out_b) and not calls
+    out_a.square().sum().backward()
+    out_b.square().sum().backward()
+    for name in ("down.weight", "up.weight", "base_layer.bias"):
+        ga, gb = a.get_parameter(name).grad, b.get_parameter(name).grad
+        torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-6, msg=name)

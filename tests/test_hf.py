@@ -349,3 +349,41 @@ def test_a_lora_config_puts_the_same_peft_adapters_on_every_partys_model():
     assert "peft LoRA r=2" in result.summary["adapters"]
     with pytest.raises(ConfigError, match="adapters"):
         rf.Federation(gpt2, clients, adapters={"r": 2})
+
+
+LM_USER_CODE = '''
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+
+def gpt2(n_embd=16):
+    return GPT2LMHeadModel(GPT2Config(vocab_size=40, n_positions=32, n_embd=n_embd, n_layer=1, n_head=2, bos_token_id=1, eos_token_id=1))
+
+
+def blocks(num_clients=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    def one(n):
+        ids = torch.randint(2, 40, (n, 12), generator=g)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, ids
+    return [one(8) for _ in range(num_clients)], one(6)
+'''
+
+
+def test_an_experiment_file_puts_peft_adapters_on_a_model_of_your_own(tmp_path):
+    from rankfed.app.config import parse_config
+    from rankfed.app.experiment import run_experiment
+
+    (tmp_path / "lmcode.py").write_text(LM_USER_CODE)
+    doc = {
+        "task": {"model": "lmcode:gpt2", "dataset": "lmcode:blocks", "holdout": 0.0, "python_path": [str(tmp_path)],
+                 "adapters": {"r": 2, "lora_alpha": 4, "target_modules": ["c_attn"], "lora_dropout": 0.0, "fan_in_fan_out": True}},
+        "federation": {"clients": 3, "rounds": 2, "participation": 1.0},
+        "client": {"optimizer": "adamw", "lr": 1e-2, "batch_size": 4},
+        "algorithm": {"name": "fedloru", "tau": 1},
+    }
+    summary = run_experiment(parse_config(doc), tmp_path / "run")
+    assert summary["adapters"].startswith("peft LoRA r=2") and summary["loss"] == "model (labels=)"
+    assert summary["trainable_parameters"] == 2 * 16 + 48 * 2  # the one layer's c_attn (16 -> 48): A (2 x 16) + B (48 x 2)
+    bad = {**doc, "task": {**doc["task"], "adapters": {"r": 2, "rank": 3}}}
+    with pytest.raises(ConfigError, match=r"task.adapters.rank"):
+        run_experiment(parse_config(bad), tmp_path / "bad")

@@ -97,13 +97,13 @@ def factor_ranks(model: nn.Module, opts: FedHM, rank: int | None = None) -> dict
 
 
 def _factorised_model(model: nn.Module, ranks: dict[str, int]) -> nn.Module:
-    """A copy whose selected layers compute only up(down(x)) + bias (the base weight is zero)."""
+    """A copy whose selected layers compute only up(down(x)) + bias: base-free factors (the base
+    weight is zero and never multiplied)."""
     wrapped = copy.deepcopy(model)
     for name, rank in ranks.items():
         apply_lora(wrapped, rank, float(rank), patterns=[name])  # scale alpha / rank = 1
-    with torch.no_grad():
-        for layer in lora_layers(wrapped).values():
-            layer.base_layer.weight.zero_()
+    for layer in lora_layers(wrapped).values():
+        layer.make_base_free()
     return wrapped
 
 

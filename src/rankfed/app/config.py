@@ -93,6 +93,9 @@ class TaskConfig:
     loss: str = ""  # "" = cross-entropy; or an import path of a loss(output, target) -> scalar
     metrics: dict = field(default_factory=dict)  # {name = "package.module:fn"}: fn(outputs, targets) -> float
     python_path: list = field(default_factory=list)  # folders the import paths are imported from
+    # PEFT adapters put on the model: a peft.LoraConfig's keywords ({r = 8, lora_alpha = 16,
+    # target_modules = ["c_attn"]}); {} = none (the model as its factory builds it)
+    adapters: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         from rankfed.data import DATASETS, PARTITIONS

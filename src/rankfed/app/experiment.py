@@ -198,9 +198,30 @@ def federation_from_config(cfg: ExperimentConfig, dataset: Dataset | None = None
     holdout = task.holdout if is_import_path(task.dataset) else 0.0  # built-in data: federate() held it out
     return Federation(
         factory, clients, test, algorithm=cfg.algorithm.build(), local=cfg.client, loss=loss, metrics=metrics,
-        seed=cfg.federation.seed, device=cfg.federation.device, holdout=holdout,
+        seed=cfg.federation.seed, device=cfg.federation.device, holdout=holdout, adapters=lora_config(task.adapters),
         info=info, config_text=to_toml(cfg),
     )  # fmt: skip
+
+
+def lora_config(table: dict):
+    """The ``peft.LoraConfig`` of a ``task.adapters`` table (None for an empty one); an unknown
+    key or a value PEFT refuses is a ConfigError naming ``task.adapters``."""
+    if not table:
+        return None
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        raise ConfigError("task.adapters needs PEFT: pip install 'rankfed[hf]'") from None
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(LoraConfig)}
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise ConfigError(f"task.adapters.{unknown[0]}: not a peft.LoraConfig option (r, lora_alpha, target_modules, lora_dropout, fan_in_fan_out, ...)")
+    try:
+        return LoraConfig(**table)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"task.adapters = {table!r}: {e}") from None
 
 
 def run_config(cfg: ExperimentConfig, out_dir: str | os.PathLike | None = None, *, overwrite: bool = False, on_round=None, dataset: Dataset | None = None, command: str | None = None, resume: bool = False) -> Result:

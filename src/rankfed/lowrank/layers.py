@@ -208,6 +208,7 @@ class LoRALayer(nn.Module):
         self.freeze_down = freeze_down
         self.train_bias = train_bias
         self.merged = False
+        self.base_free = False  # see make_base_free
         self.accumulated = 0
         self.p_down: nn.Module | None = None  # the personal pair, see add_personal
         self.p_up: nn.Module | None = None
@@ -229,7 +230,24 @@ class LoRALayer(nn.Module):
         """The dense weight the factor pair adds, shaped like ``base_layer.weight``."""
         raise NotImplementedError
 
+    def _bias_shape(self, bias: torch.Tensor) -> torch.Tensor:
+        """The base bias shaped to broadcast over this layer's output."""
+        return bias
+
+    def make_base_free(self) -> None:
+        """FedHM's factorised layer: the base weight is zero and never computed with; the layer
+        is ``scaling * up(down(x)) + bias`` (the dense convolution with zeros is skipped)."""
+        if self.merged or self.p_up is not None:
+            raise RuntimeError("a base-free layer has no merged delta and no personal pair")
+        with torch.no_grad():
+            self.base_layer.weight.zero_()
+        self.base_free = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.base_free:  # FedHM: the layer is its factors (and bias); no dense product with a zero weight
+            out = self.scaling * self.up(self.down(x))
+            bias = self.base_layer.bias
+            return out if bias is None else out + self._bias_shape(bias)
         out = self.base_layer(x)
         if not self.merged:  # (merged: the delta is already inside base_layer.weight)
             out = out + self.scaling * self.up(self.down(x))
@@ -367,6 +385,9 @@ class LoRAConv2d(LoRALayer):
     """
 
     wraps = nn.Conv2d
+
+    def _bias_shape(self, bias: torch.Tensor) -> torch.Tensor:
+        return bias.view(-1, 1, 1)  # (out,) over (B, out, H, W)
 
     def _new_pair(self, rank: int) -> tuple[nn.Conv2d, nn.Conv2d]:
         base = self.base_layer
