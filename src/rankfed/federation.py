@@ -1,14 +1,5 @@
-"""The front door: :class:`Federation`, your model and data under a rankfed algorithm.
-
-::
-
-    import rankfed as rf
-    fed = rf.Federation(model=MyNet, clients=client_datasets, test=test_dataset,
-                        algorithm=rf.FedLoRU(rank=8, tau=10),
-                        local=rf.LocalTraining(optimizer=torch.optim.Adam, lr=1e-3, epochs=1, batch_size=32),
-                        loss=my_loss, metrics={"f1": my_f1}, seed=0)
-    result = fed.run(rounds=100, clients_per_round=10, out="runs/x")
-    result.history; result.model; result.bytes
+"""The front door: :class:`Federation`, your model and data under a rankfed algorithm (the
+example is the package's docstring, ``help(rankfed)``).
 
 :func:`compare` runs one federation under several algorithms and writes the comparison
 table and plot. The command line and the experiment files build a ``Federation`` exactly as

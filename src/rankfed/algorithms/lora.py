@@ -49,7 +49,7 @@ from rankfed.compress import low_rank_pays
 from rankfed.errors import ConfigError
 from rankfed.local import TrainStats
 from rankfed.lowrank import apply_lora, dense_state_dict, lora_layers, merge_all
-from rankfed.lowrank.peft_lora import active_adapter, adapter_params, is_peft_model, merge_adapter, peft_base_weights, peft_config_of, peft_lora_layers
+from rankfed.lowrank.peft_lora import active_adapter, is_peft_model, merge_adapter, peft_config_of, peft_lora_layers
 from rankfed.protocol import ClientContext, ClientHalf, RunContext, ServerHalf, client_uplink, derive_seed, shared_state
 from rankfed.wire import Payload
 
@@ -100,13 +100,6 @@ def _merge(model: nn.Module, reinit: str, seed: int) -> None:
         merge_all(model, reinit, generator=gen)
 
 
-def _base_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The live base weights of the factorised layers, by state-dict name."""
-    if is_peft_model(model):
-        return peft_base_weights(model)
-    return {f"{n}.base_layer.weight": layer.base_layer.weight for n, layer in lora_layers(model).items()}
-
-
 def factor_pairs(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(base weight, down, up) of every factorised layer by name: rankfed's wrappers or the
     active PEFT adapter's ``lora_A`` / ``lora_B``."""
@@ -114,6 +107,11 @@ def factor_pairs(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor
         adapter = active_adapter(model)
         return {n: (layer.get_base_layer().weight, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight) for n, layer in peft_lora_layers(model).items() if adapter in layer.lora_A}
     return {n: (layer.base_layer.weight, layer.down.weight, layer.up.weight) for n, layer in lora_layers(model).items()}
+
+
+def _base_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The live base weights of the factorised layers, by state-dict name."""
+    return {f"{n}.base_layer.weight": base for n, (base, _, _) in factor_pairs(model).items()}
 
 
 def global_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -147,13 +145,12 @@ def _peft_copy(model: nn.Module, opts: LoraOptions, freeze_down: bool) -> nn.Mod
         )
     wrapped = copy.deepcopy(model)
     try:
-        adapter = active_adapter(wrapped)
+        active_adapter(wrapped)
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
     if freeze_down:  # FA-LoRA: A stays at its (shared) draw; only B trains and travels
-        for name, t in adapter_params(wrapped, adapter).items():
-            if ".lora_A." in name:
-                t.requires_grad_(False)
+        for _, down, _ in factor_pairs(wrapped).values():
+            down.requires_grad_(False)
     return wrapped
 
 

@@ -212,8 +212,6 @@ def lora_config(table: dict):
         from peft import LoraConfig
     except ImportError:
         raise ConfigError("task.adapters needs PEFT: pip install 'rankfed[hf]'") from None
-    import dataclasses
-
     known = {f.name for f in dataclasses.fields(LoraConfig)}
     unknown = sorted(set(table) - known)
     if unknown:

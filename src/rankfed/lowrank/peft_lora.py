@@ -9,19 +9,20 @@ pair ``lora_A[name]`` (down, r x in) and ``lora_B[name]`` (up, out x r) scaled b
 ``tests/test_peft.py`` proves the two equal), so for such a model rankfed uses PEFT's layers
 and only adds what PEFT has not:
 
-* :func:`reinit_adapter` draws a fresh pair from a seeded generator (down Kaiming-uniform,
-  up zero: the same draws as rankfed's own layers), so the server and every client hold the
-  same factors without sending them;
 * :func:`merge_adapter` is FedLoRU's accumulation: PEFT's own ``merge`` adds
   ``get_delta_weight`` into the base weight, the merge is then made permanent (dropped from
   ``merged_adapters``, so the adapter path is live again) and the pair re-initialised
-  (``"random"``) or kept (``"momentum"``).
+  (``"random"``: drawn from a seeded generator, down Kaiming-uniform and up zero, the same
+  draws as rankfed's own layers, so every party holds the same factors without sending them)
+  or kept (``"momentum"``);
+* :func:`add_personal_adapter` is pFedLoRU's personal pair, a second named adapter.
 
 ``peft`` is imported only where a PEFT model is handled (the extra ``rankfed[hf]``).
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 from pathlib import Path
@@ -31,7 +32,7 @@ from torch import nn
 
 from rankfed.lowrank.layers import kaiming_down_zero_up
 
-__all__ = ["PERSONAL_ADAPTER", "add_personal_adapter", "is_peft_model", "peft_lora_layers", "active_adapter", "reinit_adapter", "merge_adapter", "peft_base_weights", "adapter_params", "peft_config_of", "save_peft"]
+__all__ = ["PERSONAL_ADAPTER", "add_personal_adapter", "is_peft_model", "peft_lora_layers", "active_adapter", "merge_adapter", "adapter_params", "peft_config_of", "save_peft"]
 
 
 def _lora_layer_type():
@@ -84,19 +85,6 @@ def adapter_params(model: nn.Module, adapter: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def peft_base_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The live base weights of the adapted layers, by state-dict name."""
-    return {f"{n}.base_layer.weight": layer.get_base_layer().weight for n, layer in peft_lora_layers(model).items()}
-
-
-@torch.no_grad()
-def reinit_adapter(model: nn.Module, adapter: str, generator: torch.Generator | None) -> None:
-    """Every layer's ``adapter`` pair drawn afresh: down Kaiming-uniform, up zero (adds nothing)."""
-    for layer in peft_lora_layers(model).values():
-        if adapter in layer.lora_A:
-            kaiming_down_zero_up(layer.lora_A[adapter].weight, layer.lora_B[adapter].weight, generator)
-
-
 @torch.no_grad()
 def merge_adapter(model: nn.Module, adapter: str, reinit: str, generator: torch.Generator | None) -> None:
     """FedLoRU's accumulation on PEFT layers: PEFT's ``merge`` of ``adapter`` into every base
@@ -118,8 +106,6 @@ def add_personal_adapter(model: nn.Module, rank: int, alpha: float) -> dict[str,
     """pFedLoRU's personal pair as a second PEFT adapter (:data:`PERSONAL_ADAPTER`) on the layers
     of the shared one, active beside it (the forward adds both deltas); returns its factor
     weights by state-dict name, (down, up) per layer."""
-    import copy
-
     shared = active_adapter(model)
     config = peft_config_of(model, shared)
     if config is None or not hasattr(model, "add_adapter"):
@@ -138,8 +124,6 @@ def save_peft(model: nn.Module, folder: str | os.PathLike) -> dict[str, Path]:
     weights as they are now: FedLoRU's merges moved them away from the pretrained ones, so the
     adapter alone no longer reproduces the model). Load back with
     ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder/"base"), folder/"adapter")``."""
-    import copy
-
     folder = Path(folder)
     model.save_pretrained(folder / "adapter")
     base = copy.deepcopy(model).unload()  # the adapters removed, not merged: the base weights alone
