@@ -30,7 +30,6 @@ import torch
 
 import rankfed as rf
 from rankfed.data.hf import lm_blocks, shakespeare_roles, train_tokenizer
-from rankfed.lowrank.peft_lora import save_peft
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = ["c_attn", "c_proj", "c_fc"]  # GPT-2's attention (qkv, out) and MLP (in, out) projections
@@ -162,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"uplink {result.bytes['uplink'] / 1e6:.2f} MB, {summary['runs'][name]['s_per_round']:.2f} s/round")
 
     name, result = first
-    saved = save_peft(result.model, out / "peft")  # PEFT output: adapter folder + the (merged-into) base
+    saved = rf.save_peft(result.model, out / "peft")  # PEFT output: adapter folder + the (merged-into) base
     reloaded = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(saved["base"]), saved["adapter"]).eval()
     result.model.eval()
     with torch.no_grad():

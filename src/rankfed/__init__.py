@@ -24,6 +24,7 @@ from rankfed.algorithms import FALoRA, MAPA, Algorithm, FedAvg, FedHM, FedLoRA, 
 from rankfed.errors import ConfigError, Diverged
 from rankfed.federation import Comparison, Federation, Result, compare
 from rankfed.local import ClientData, LocalTraining, Task, TrainStats
+from rankfed.lowrank.peft_lora import save_peft
 from rankfed.protocol import ClientContext
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
     "PFedLoRU",
     "PFedLoRA",
     "MFedLoRU",
+    "save_peft",
     "compress",
     "ConfigError",
     "Diverged",
