@@ -55,3 +55,33 @@ def write_result(name: str, title: str, body: str) -> Path:
         text = text.rstrip() + "\n\n" + block + "\n"
     RESULTS.write_text(text, encoding="utf-8")
     return out
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far (VmHWM), in MiB (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise KeyError("VmHWM")
+
+
+def run_child(script: str, spec: dict, env: dict | None = None, timeout: float = 7200) -> dict:
+    """Run ``script --child JSON(spec)`` in a fresh process (one torch thread) and return the
+    JSON object its last stdout line holds: a measurement whose peak memory is its own."""
+    import json
+    import subprocess
+
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    proc = subprocess.run([sys.executable, str(Path(script).resolve()), "--child", json.dumps(spec)], capture_output=True, text=True, env=full_env, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"child {spec} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def publish(name: str, title: str, body: str, out: str | None = None) -> None:
+    """Print ``body`` and write it: to ``out`` only if given, else as :func:`write_result`."""
+    if out:
+        Path(out).write_text(body, encoding="utf-8")
+    else:
+        write_result(name, title, body)
+    print(body)

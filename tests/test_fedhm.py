@@ -51,17 +51,16 @@ def test_ranks_follow_rank_factor_and_patterns():
 
 def test_server_averages_the_recovered_full_kernels(monkeypatch):
     sim, clients = _sim({"rank_factor": 2, "patterns": ["0", "2"]})
-    captured = {}
-    real = type(sim.server).aggregate
+    replies = []
+    real = type(sim.server).fold
 
-    def spy(self, rnd, replies):
-        captured["replies"] = replies
-        return real(self, rnd, replies)
+    def spy(self, rnd, cid, payload):
+        replies.append((cid, payload))
+        return real(self, rnd, cid, payload)
 
-    # on the class: the simulator aggregates into a checked copy of the server half
-    monkeypatch.setattr(type(sim.server), "aggregate", spy)
+    # on the class: the simulator folds each upload into the round as it arrives
+    monkeypatch.setattr(type(sim.server), "fold", spy)
     rec = sim.run_round(1)
-    replies = captured["replies"]
     sizes = torch.tensor([float(p["@num_samples"]) for _, p in replies])
     for name in ("0", "2"):
         kernels = [(p[f"{name}.up.weight"].reshape(8, -1) @ p[f"{name}.down.weight"].reshape(4, -1)).reshape(sim.server.state[f"{name}.weight"].shape) for _, p in replies]

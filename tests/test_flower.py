@@ -5,11 +5,14 @@ sampled, the same payloads, the same aggregation order. The deployment tests
 start real processes on 127.0.0.1 with bounded waits and stop them all.
 """
 
+import contextlib
 import json
+import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -17,6 +20,8 @@ import pytest
 import torch
 
 pytest.importorskip("flwr")
+
+from flwr.app import Message, RecordDict  # noqa: E402
 
 from rankfed.app.config import load_config, parse_config, to_toml, tomllib  # noqa: E402
 from rankfed.app.flower import run_flower  # noqa: E402
@@ -138,6 +143,73 @@ def test_flower_section_is_checked():
         parse_config({"flower": {"round_timeout": -1.0}})
 
 
+class _FakeGrid:
+    """A grid of SuperNodes 7 and 8: 7 answers every message; 8 dies as the round starts (it
+    never answers, and it leaves get_node_ids() after the first poll). Polled too often means
+    the grid kept waiting for it: an error, not a hang."""
+
+    def __init__(self):
+        self.alive, self.sent, self.polls = {7, 8}, [], 0
+
+    def push_messages(self, messages):
+        for i, m in enumerate(messages):
+            m.metadata.__dict__["_message_id"] = f"m{len(self.sent) + i}"
+        self.sent += list(messages)
+        return [m.metadata.message_id for m in messages]
+
+    def pull_messages(self, ids):
+        self.polls += 1
+        assert self.polls < 1000, "still waiting for a SuperNode that is gone"
+        self.alive.discard(8)
+        return [Message(RecordDict({}), reply_to=m) for m in self.sent if m.metadata.dst_node_id == 7 and m.metadata.message_id in ids]
+
+    def get_node_ids(self):
+        return sorted(self.alive)
+
+
+def test_a_round_stops_waiting_for_a_supernode_that_is_gone(monkeypatch):
+    from flwr.common.constant import ErrorCode
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from rankfed.flower.strategy import QuickPollGrid
+
+    for attr in ("_run_id", "_node_id", "_task_id"):  # a message is made inside a run's task
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+    fake = _FakeGrid()
+    grid = QuickPollGrid(fake, interval=0.0, node_check=0.0)
+    replies = grid.send_and_receive([Message(RecordDict({}), dst_node_id=n, message_type="train") for n in (7, 8)], timeout=None)
+    assert sorted(r.metadata.src_node_id for r in replies) == [7, 8]
+    (gone,) = [r for r in replies if r.has_error()]
+    assert gone.error.code == ErrorCode.NODE_UNAVAILABLE and gone.metadata.reply_to_message_id == fake.sent[1].metadata.message_id
+
+
+def test_the_superlinks_error_for_an_offline_node_costs_that_nodes_clients(tmp_path, monkeypatch):
+    """The SuperLink answers a message to a node whose heartbeats are overdue with an error
+    from its own id (Flower's function below); the strategy charges it to the node the message
+    went to, as "node unavailable", and a ClientApp's error as "error"."""
+    from flwr.app import ArrayRecord, ConfigRecord, Error
+    from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from rankfed.app.experiment import build_experiment
+    from rankfed.flower.strategy import NodeMap, RankfedStrategy
+
+    for attr in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+    _, cfg = _cfg(tmp_path, ["federation.participation=1.0"])
+    strategy = RankfedStrategy(build_experiment(cfg))
+    strategy.nodes = NodeMap(2, {0: 7, 1: 8})  # clients 0, 2 on node 7; 1, 3 on node 8
+    fake = _FakeGrid()
+    messages = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), fake))
+    fake.push_messages(messages)
+    to = {m.metadata.dst_node_id: m for m in messages}
+    replies = [Message(Error(code=0, reason="the ClientApp raised"), reply_to=to[7]), create_message_error_unavailable_res_message(to[8].metadata, "node_unavail")]
+    assert replies[1].metadata.src_node_id != 8  # the SuperLink's own id
+    strategy.aggregate_train(1, replies)
+    assert strategy.failure_reasons == {"error": 2, "node unavailable": 2}
+    assert strategy.failure_examples["node unavailable"].startswith("round 1, client 1: node unavailable: Error: Node Unavailable")
+
+
 def test_a_supernode_that_missed_a_broadcast_refuses_to_train_on_its_stale_replica(tmp_path):
     from flwr.app import Context, RecordDict
 
@@ -156,6 +228,44 @@ def test_a_supernode_that_missed_a_broadcast_refuses_to_train_on_its_stale_repli
     assert kept.keys() == replica.keys() and all(torch.equal(kept[k], replica[k]) for k in kept)
     with pytest.raises(RuntimeError, match="replica is at round 1 but this is round 3"):
         _replica(node, context, 3, server.broadcast(3))
+
+
+@pytest.mark.parametrize("label", ["mapa", "fedavg-stateful"])
+def test_a_supernode_that_missed_broadcasts_is_caught_up_to_the_simulators_replica(tmp_path, label):
+    """SuperNode 0 syncs round 1 only; in round 3 the strategy's catch-up (the missed broadcast
+    of round 2 replayed: MAPA) and, in round 4, the replica sent whole (an unknown replica, as
+    after a failed message or a resume) bring it to exactly the replica of a client that missed
+    nothing."""
+    from flwr.app import Context, RecordDict
+
+    from rankfed.app.experiment import build_experiment
+    from rankfed.app.flower import _factory
+    from rankfed.flower.apps import Node, _replica, catch_up_of
+    from rankfed.flower.strategy import catch_up_records
+    from rankfed.sim import Simulator
+    from rankfed.wire import decode
+
+    extra = ALGORITHMS["mapa"] if label == "mapa" else ["federation.client_kind=stateful"]
+    _, cfg = _cfg(tmp_path, [*extra, "federation.rounds=4"])
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(), run_config={"experiment": to_toml(cfg)})
+    node = Node(context, *_factory(context))
+    sim = Simulator(build_experiment(cfg))
+    broadcast = lambda rnd: decode(dict(sim.rounds.broadcast_log)[rnd])  # noqa: E731
+    sim.run_round(1)
+    _replica(node, context, 1, broadcast(1))
+    sim.run_round(2)  # the SuperNode misses round 2
+    sim.run_round(3)
+    cu = sim.rounds.catch_up(1, 3)
+    assert cu.kind == ("replay" if label == "mapa" else "model")
+    if cu.kind == "replay":
+        replica = _replica(node, context, 3, broadcast(3), catch_up_of(RecordDict(catch_up_records(cu))))
+        assert all(torch.equal(replica[k], sim.replica[k]) for k in sim.replica)
+    whole = sim.rounds.catch_up(None, 4)  # before round 4's downlink: the server's replica now
+    assert whole.kind == "model"
+    sim.run_round(4)
+    replica = _replica(node, context, 4, broadcast(4), catch_up_of(RecordDict(catch_up_records(whole))))
+    assert all(torch.equal(replica[k], sim.replica[k]) for k in sim.replica)
+    assert int(context.state["rankfed.replica.meta"]["round"]) == 4
 
 
 # -- a real deployment -----------------------------------------------------------------------------
@@ -199,24 +309,67 @@ def test_deployment_ends_with_the_simulators_model(deployment, tmp_path, label):
     assert all(m["flower_uplink_bytes"] > 0 and m["failed_clients"] == 0 for m in lines)
 
 
+# A killed SuperNode is noticed when its heartbeats are overdue (2 intervals after its last
+# one; 10 s here instead of Flower's 30 s): the round waits for that event, not for the round
+# timeout, which is generous so that a slow start of the surviving SuperNode's ClientApp
+# process on a loaded machine is never taken for a failure.
+@pytest.mark.slow
+def test_a_flower_run_killed_mid_way_and_resumed_ends_with_the_uninterrupted_runs_model(tmp_path):
+    """`rankfed flower run` SIGKILLed (with its SuperLink and SuperNodes) after round 2, then
+    `rankfed flower run --resume`: the ServerApp continues from its resume.pt, the fresh
+    SuperNodes' MAPA replicas are sent whole, and the run ends with the simulator's model."""
+    path, cfg = _cfg(tmp_path, [*ALGORITHMS["mapa"], "federation.rounds=4", "federation.resume_every=1"])
+    sim = run_experiment(cfg, tmp_path / "sim")
+    out = tmp_path / "fl"
+    args = [sys.executable, "-m", "rankfed", "--quiet", "flower", "run", str(path), "--supernodes", "2", "--out", str(out)]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=flower_env())
+    rounds_file = out / "rounds.jsonl"
+    deadline = time.monotonic() + 900  # a guard against a hang, not a race: the run waits on its own events
+    try:
+        while not (rounds_file.exists() and len(rounds_file.read_text().splitlines()) >= 2 and (out / "resume.pt").exists()):
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    finally:
+        for pid in [proc.pid, *_descendants(proc.pid)]:  # the run and every process it started
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+    assert not (out / "summary.json").exists(), "the run finished before it was killed"
+    again = subprocess.run([sys.executable, "-m", "rankfed", "--quiet", "flower", "run", "--resume", str(out), "--supernodes", "2"], capture_output=True, text=True, timeout=900, env=flower_env())
+    assert again.returncode == 0, again.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["status"] == "completed" and s["resumed_from_round"] in (2, 3), s
+    a, b = torch.load(out / "model.pt"), torch.load(tmp_path / "sim" / "model.pt")
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    lines = [json.loads(x) for x in rounds_file.read_text().splitlines()]
+    assert [m["round"] for m in lines] == [1, 2, 3, 4]
+    first = lines[s["resumed_from_round"]]  # the first resumed round: both SuperNodes' replicas sent whole
+    assert first["catch_ups"] == 2 and first["catch_up_bytes"] > 0
+    assert s["total_uplink_bytes"] == sim["total_uplink_bytes"]
+    assert not (out / "resume.pt").exists()
+
+
 @pytest.mark.slow
 def test_a_supernode_killed_mid_run_does_not_stop_the_run(tmp_path):
-    _, cfg = _cfg(tmp_path, ["federation.clients=2", "federation.participation=1.0", "federation.rounds=3", "flower.round_timeout=15"])
+    _, cfg = _cfg(tmp_path, ["federation.clients=2", "federation.participation=1.0", "federation.rounds=3", "flower.round_timeout=600"])
     rounds_seen = []
-    with LocalDeployment(2, tmp_path / "logs") as dep:
+    with LocalDeployment(2, tmp_path / "logs", heartbeat_interval=10) as dep:
 
         def on_metrics(m):
             rounds_seen.append(m["round"])
             if m["round"] == 1:
                 dep.kill_supernode(1)
 
-        s = run_flower(cfg, tmp_path / "fl", superlink=dep.address, insecure=True, on_metrics=on_metrics, timeout=300)
+        s = run_flower(cfg, tmp_path / "fl", superlink=dep.address, insecure=True, on_metrics=on_metrics, timeout=900)
     assert s["status"] == "completed", s.get("error")
     assert rounds_seen == [1, 2, 3]
     assert s["rounds"] == 3
     # client 1 (on SuperNode 1) is lost in rounds 2 and 3; client 0 carries them
     assert s["failed_client_rounds"] == 2
     assert sum(s["failure_reasons"].values()) == 2
+    assert set(s["failure_reasons"]) == {"node unavailable"}, s["failure_examples"]
     lines = [json.loads(x) for x in (tmp_path / "fl" / "metrics.jsonl").read_text().splitlines()]
     assert [m["failed_clients"] for m in lines] == [0, 1, 1]
     assert [m["num_clients"] for m in lines] == [2, 1, 1]
@@ -225,14 +378,14 @@ def test_a_supernode_killed_mid_run_does_not_stop_the_run(tmp_path):
 
 @pytest.mark.slow
 def test_too_few_replies_skip_the_round_and_keep_the_model(tmp_path):
-    _, cfg = _cfg(tmp_path, ["federation.clients=2", "federation.participation=1.0", "federation.rounds=2", "flower.round_timeout=15", "federation.min_clients=2"])
-    with LocalDeployment(2, tmp_path / "logs") as dep:
+    _, cfg = _cfg(tmp_path, ["federation.clients=2", "federation.participation=1.0", "federation.rounds=2", "flower.round_timeout=600", "federation.min_clients=2"])
+    with LocalDeployment(2, tmp_path / "logs", heartbeat_interval=10) as dep:
 
         def on_metrics(m):
             if m["round"] == 1:
                 dep.kill_supernode(0)
 
-        s = run_flower(cfg, tmp_path / "fl", superlink=dep.address, insecure=True, on_metrics=on_metrics, timeout=300)
+        s = run_flower(cfg, tmp_path / "fl", superlink=dep.address, insecure=True, on_metrics=on_metrics, timeout=900)
     assert s["status"] == "completed" and s["skipped_rounds"] == [2]
     lines = [json.loads(x) for x in (tmp_path / "fl" / "metrics.jsonl").read_text().splitlines()]
     assert lines[1]["accuracy"] == lines[0]["accuracy"] and lines[1]["skipped"]  # the model did not change
@@ -274,6 +427,151 @@ def test_ctrl_c_stops_every_process_it_started(tmp_path):
     assert alive == [], [Path(f"/proc/{p}/cmdline").read_text() for p in alive if Path(f"/proc/{p}").exists()]
 
 
+# -- Flower's simulation runtime (virtual SuperNodes run by Ray workers) ----------------------------
+def _alive(pids) -> list[int]:
+    return [p for p in pids if Path(f"/proc/{p}").exists() and "Z (zombie)" not in Path(f"/proc/{p}/status").read_text()]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    """One Ray head for the simulation tests, started as a cluster's head machine starts it
+    (`ray start --head`; --block keeps it in the foreground so that it is stopped by its
+    process id), at the address `flower simulate --ray-address` takes."""
+    pytest.importorskip("ray")
+    port = _free_port()
+    log = tmp_path_factory.mktemp("ray") / "ray-head.log"
+    env = flower_env() | {"RAY_USAGE_STATS_ENABLED": "0"}
+    args = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+            "--num-cpus=2", "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats"]  # fmt: skip
+    with open(log, "wb") as f:
+        head = subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        _wait_port(port, 120, head, log)
+        yield f"127.0.0.1:{port}"
+    finally:
+        started = [head.pid, *_descendants(head.pid)]
+        _stop([head])
+        current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"  # what `ray stop` would remove: ray.init() tries to join the cluster it names
+        if current.exists() and current.read_text().strip().endswith(f":{port}"):
+            current.unlink()
+        assert _alive(started) == [], log.read_text()[-2000:]
+
+
+SIMULATED = {"fedavg": ["federation.execution=vectorized"], "mapa": [*ALGORITHMS["mapa"], "federation.execution=vectorized"], "fedavg-greedylore": ALGORITHMS["fedavg-greedylore"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("label", list(SIMULATED))
+def test_flower_simulation_ends_with_the_simulators_model(ray_cluster, tmp_path, label):
+    """2 virtual SuperNodes, 2 Ray workers (the head's 2 CPUs, 1 each): a stateless downlink
+    with the clients of a SuperNode trained as one vectorised cohort, a stateful broadcast
+    (MAPA's replicas in each virtual SuperNode's Context.state, a cohort too) and client state
+    across rounds (GreedyLore's error feedback, in Context.state)."""
+    from rankfed.app.flower import simulate_flower
+
+    path, cfg = _cfg(tmp_path, SIMULATED[label])
+    sim = run_experiment(cfg, tmp_path / "sim")
+    if label == "fedavg":  # through the command line
+        args = [sys.executable, "-m", "rankfed", "--quiet", "flower", "simulate", str(path), "--supernodes", "2", "--num-cpus", "1",
+                "--ray-address", ray_cluster, "--out", str(tmp_path / "fl"), "--timeout", "300"]  # fmt: skip
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=360, env=flower_env())
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "on Flower simulation (2 virtual SuperNodes, 2 Ray workers)" in proc.stdout
+        fl = json.loads((tmp_path / "fl" / "summary.json").read_text())
+    else:
+        fl = simulate_flower(cfg, tmp_path / "fl", supernodes=2, num_cpus=1, ray_address=ray_cluster, timeout=300)
+    assert fl["status"] == "completed", fl.get("error")
+    assert fl["transport"] == "flower" and fl["supernodes"] == 2
+    assert fl["simulation"]["ray_workers"] == 2 and fl["simulation"]["ray_address"] == ray_cluster
+    a, b = torch.load(tmp_path / "fl" / "model.pt"), torch.load(tmp_path / "sim" / "model.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=f"{label}: {k}")
+    for key in ("total_uplink_bytes", "total_downlink_bytes", "uploads"):
+        assert fl[key] == sim[key], key
+    assert fl["failed_client_rounds"] == 0 and fl["skipped_rounds"] == []
+    assert fl["execution"] == sim["execution"]
+    if sim["execution"] == "vectorized":  # every train message with clients trained them as one cohort, as the simulator trained its rounds
+        assert sim["cohort_rounds"] == 2
+        assert fl["cohort_messages"] == sum(len({c % 2 for c in r["clients"]}) for r in map(json.loads, (tmp_path / "fl" / "rounds.jsonl").read_text().splitlines()))
+    assert [json.loads(x)["round"] for x in (tmp_path / "fl" / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+# A ClientApp around rankfed's that, on virtual SuperNode 1's train message of round 2, says
+# which process (Ray worker) runs it and waits there until the test has killed that process.
+KILLED_WORKER_APP = """
+import os
+import time
+from pathlib import Path
+
+from flwr.clientapp import ClientApp
+
+from rankfed.app.flower import client_app as rankfed_client
+
+FLAGS = Path({flags!r})
+client = ClientApp()
+
+
+def _run(msg, context):
+    if msg.metadata.message_type == "train" and int(msg.content["rankfed"]["round"]) == 2 and int(context.node_config["partition-id"]) == 1 and not (FLAGS / "killed").exists():
+        (FLAGS / "pid.tmp").write_text(str(os.getpid()))
+        os.replace(FLAGS / "pid.tmp", FLAGS / "pid")
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+    return rankfed_client(msg, context)
+
+
+client.query()(_run)
+client.train()(_run)
+client.evaluate()(_run)
+"""
+
+
+@pytest.mark.slow
+def test_a_ray_worker_killed_mid_run_costs_its_clients_that_round(tmp_path):
+    """Local Ray (started for the run, stopped after it): the worker running SuperNode 1's
+    round-2 message is killed; its clients fail that round, Ray starts a worker again and the
+    next round has every client; no Ray process is left when simulate returns."""
+    pytest.importorskip("ray")
+    from rankfed.app.flower import server_app
+    from rankfed.flower import simulate
+
+    flags = tmp_path / "flags"
+    flags.mkdir()
+    (tmp_path / "killedapp.py").write_text(KILLED_WORKER_APP.format(flags=str(flags)), encoding="utf-8")
+    _, cfg = _cfg(tmp_path, ["federation.clients=2", "federation.participation=1.0", "federation.rounds=3", "flower.round_timeout=600"])
+    before = set(_descendants(os.getpid()))
+    started: set[int] = set()
+
+    def on_metrics(m):
+        started.update(set(_descendants(os.getpid())) - before)  # the simulation's child and Ray's processes
+        if m["round"] == 1:
+            deadline = time.monotonic() + 300
+            while not (flags / "pid").exists():  # SuperNode 1's round-2 message is being run
+                assert time.monotonic() < deadline, "no worker started SuperNode 1's round-2 message within 300 s"
+                time.sleep(0.1)
+            (flags / "killed").touch()
+            os.kill(int((flags / "pid").read_text()), signal.SIGKILL)
+
+    sys.path.insert(0, str(tmp_path))  # the child and the Ray workers import the app from this process's path
+    try:
+        import killedapp
+
+        s = simulate(server_app, killedapp.client, supernodes=2, out_dir=tmp_path / "fl", run_config={"experiment": to_toml(cfg)}, on_metrics=on_metrics, timeout=600)
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert s["status"] == "completed", s.get("error")
+    assert s["rounds"] == 3 and s["simulation"]["ray_address"] is None
+    assert s["failed_client_rounds"] == 1 and s["failure_reasons"] == {"error": 1}, s["failure_examples"]
+    assert "round 2, client 1" in s["failure_examples"]["error"]
+    lines = [json.loads(x) for x in (tmp_path / "fl" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["failed_clients"] for m in lines] == [0, 1, 0]
+    assert [m["num_clients"] for m in lines] == [2, 1, 2]
+    assert len(started) >= 3  # the child, Ray's own processes, its workers
+    assert _alive(started) == [], [Path(f"/proc/{p}/cmdline").read_text() for p in _alive(started)]
+
+
 def test_local_run_checks_the_experiment_before_starting_anything(tmp_path):
     path, cfg = _cfg(tmp_path, ["task.dataset=fmnist", "task.data_dir=/no/such/folder"])
     proc = subprocess.run([sys.executable, "-m", "rankfed", "flower", "run", str(path), "--out", str(tmp_path / "fl")], capture_output=True, text=True, timeout=120)
@@ -282,6 +580,20 @@ def test_local_run_checks_the_experiment_before_starting_anything(tmp_path):
     assert not (tmp_path / "fl").exists()
     proc = subprocess.run([sys.executable, "-m", "rankfed", "flower", "run", str(path), "--supernodes", "9"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--supernodes 9" in proc.stderr
+
+
+def test_a_simulation_checks_its_options_before_starting_anything(tmp_path):
+    from rankfed.app.flower import simulate_flower
+    from rankfed.errors import ConfigError
+
+    _, cfg = _cfg(tmp_path)
+    bad = [({"num_cpus": 0}, r"--num-cpus = 0: must be > 0"), ({"num_gpus": -0.5}, r"--num-gpus = -0.5"), ({"supernodes": 9}, r"--supernodes 9: must be in \[1, federation.clients = 4\]")]
+    for kwargs, match in bad:
+        with pytest.raises((ConfigError, ValueError), match=match):
+            simulate_flower(cfg, tmp_path / "fl", **kwargs)
+    with pytest.raises(ConfigError, match="--num-gpus = 0"):
+        simulate_flower(parse_config({"federation": {"device": "cuda"}}), tmp_path / "fl")
+    assert not (tmp_path / "fl").exists()
 
 
 def test_flower_app_is_a_valid_flower_app(tmp_path):

@@ -19,7 +19,11 @@ BASE = ["task.model=mlp", "task.model_options={hidden=[24]}", "federation.client
 # stateless and stateful clients, client state across rounds, merges, personal factors
 CASES = {
     "fedavg-topk-ef": ["algorithm.compressor=topk", "algorithm.topk_ratio=0.1", "algorithm.error_feedback=true"],
+    # client state on disk, 2 in memory, resume points 3 rounds apart: states written after one are undone
+    "fedavg-topk-ef-disk": ["algorithm.compressor=topk", "algorithm.topk_ratio=0.1", "algorithm.error_feedback=true", "federation.client_state=disk", "federation.client_state_cache=2", "federation.resume_every=3"],
     "mapa": ["algorithm.name=mapa", "algorithm.k=32"],
+    # clients that come and go: who last synced when, and the replicas kept for their catch-ups
+    "mapa-availability": ["algorithm.name=mapa", "algorithm.k=32", "federation.availability=0.5"],
     "fedloru": ["algorithm.name=fedloru", "algorithm.rank=4", "algorithm.tau=3", 'algorithm.patterns=["*"]'],
     "pfedloru": ["algorithm.name=pfedloru", "algorithm.rank=4", "algorithm.tau=3", "algorithm.personal_rank=2", 'algorithm.patterns=["*"]'],
 }

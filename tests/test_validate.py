@@ -171,3 +171,69 @@ def test_fuzzed_uploads_never_crash_the_server(label, edits, random_payload, rep
     assert not set(res.accepted) & set(res.rejected)
     state = res.server.global_model_state()
     assert all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
+
+
+# -- streaming aggregation: each upload folded in as it arrives ---------------------------------
+def _at_once(server):
+    """A server half that only has ``aggregate`` (the uploads of a round at once), around an
+    algorithm's own: what a user's server half without fold/finish gets."""
+    from rankfed.protocol import ServerHalf
+
+    class AtOnce(ServerHalf):
+        def __init__(self, inner):
+            self.inner = inner
+
+        def configure(self, rnd, client_ids):
+            return self.inner.configure(rnd, client_ids)
+
+        def broadcast(self, rnd):
+            return self.inner.broadcast(rnd)
+
+        def aggregate(self, rnd, replies):
+            return type(self.inner).aggregate(self.inner, rnd, replies)  # the inner's fold/finish, all at once
+
+        def global_model_state(self):
+            return self.inner.global_model_state()
+
+    return AtOnce(server)
+
+
+@pytest.mark.parametrize("label", ["fedavg", "fedavg+topk", "mapa", "fedloru", "fedhm", "mfedloru"])
+def test_streaming_equals_aggregating_the_round_at_once(label):
+    """The same uploads in the same order give bitwise the same model folded one at a time or
+    aggregated at once (a server half without fold), bad uploads dropped with the same reasons."""
+    stream, at_once = _sim(label), _sim(label)
+    at_once.server = _at_once(at_once.server)
+    assert stream.server.streams and not at_once.server.streams
+    corrupt, _ = FAULTS["wrong shape"]
+    for sim in (stream, at_once):
+        sim.tamper = lambda rnd, cid, p: corrupt(p) if (rnd, cid) == (2, 3) else p
+    for rnd in (1, 2, 3):
+        a, b = stream.run_round(rnd), at_once.run_round(rnd)
+        assert a.rejected.keys() == b.rejected.keys() == ({3} if rnd == 2 else set())
+        assert a.train_loss == b.train_loss
+    got, want = stream.server.global_model_state(), at_once.server.global_model_state()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("label", ["fedavg", "mapa", "fedloru", "fedhm"])
+def test_the_simulator_keeps_no_upload_once_it_is_folded_in(label, monkeypatch):
+    """A round holds O(model) beyond the upload in hand: when client i's upload is folded in,
+    no earlier client's upload is alive any more (weak references to its tensors are dead)."""
+    import gc
+    import weakref
+
+    sim = Simulator(build_experiment(load_config(None, [*BASE, *ALGORITHMS[label], "federation.clients=6"])))
+    cls = type(sim.server)
+    real, seen, alive_at_fold = cls.fold, [], []
+
+    def spy(self, rnd, cid, payload):
+        gc.collect()
+        alive_at_fold.append(sum(ref() is not None for ref in seen))
+        seen.extend(weakref.ref(v) for v in payload.values() if isinstance(v, torch.Tensor))
+        return real(self, rnd, cid, payload)
+
+    monkeypatch.setattr(cls, "fold", spy)
+    rec = sim.run_round(1)
+    assert len(rec.clients) == 6 and not rec.rejected
+    assert alive_at_fold == [0] * 6

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import shutil
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -30,7 +31,7 @@ from rankfed.local import ClientData, LocalTraining, Task, as_client_data
 from rankfed.local.data import dataset_bytes, memory_budget
 from rankfed.lowrank.peft_lora import is_peft_model, peft_config_of
 from rankfed.protocol import RunContext
-from rankfed.server import RESUME_FILE, Experiment, RoundRecord, RunFolder, RunOptions, summarize
+from rankfed.server import CLIENT_STATE_DIR, RESUME_FILE, Experiment, RoundRecord, RunFolder, RunOptions, summarize
 from rankfed.sim import Simulator
 
 __all__ = ["Federation", "Result", "Comparison", "compare", "resolve_device"]
@@ -294,7 +295,9 @@ class Federation:
         elif out is not None:
             RunFolder.check_writable(out, overwrite)  # before the (slow) build: refuse early
         exp = self.experiment(rounds, clients_per_round, **run_options)
-        sim = Simulator(exp)  # bad data or options fail here (MAPA's k > d ...), before any folder exists
+        # bad data or options fail here (MAPA's k > d ...), before any folder exists; client states
+        # on disk go to the run folder's client-state/ (made at the first write)
+        sim = Simulator(exp, Path(out) / CLIENT_STATE_DIR if out is not None else None)
         if resume:
             if state.get("format") != Simulator.resume_format() or state.get("config") != exp.config_text:
                 raise ConfigError(f"{folder.path / RESUME_FILE}: saved by a different experiment or rankfed version; cannot resume it with this federation")
@@ -389,6 +392,8 @@ def _drive(sim: Simulator, exp: Experiment, folder: RunFolder | None, state: dic
         torch.save(global_state, folder.path / "model.pt")
         folder.write_summary(summary)
         (folder.path / RESUME_FILE).unlink(missing_ok=True)  # finished: nothing to resume
+        shutil.rmtree(folder.path / CLIENT_STATE_DIR, ignore_errors=True)
+    sim.discard_client_states()
     model = copy.deepcopy(exp.model).cpu()
     model.load_state_dict({k: v.detach().cpu() for k, v in global_state.items()})
     lines = [r.metrics_line() for r in history if r.evaluated]

@@ -51,6 +51,7 @@ __all__ = [
     "ClientContext",
     "ServerHalf",
     "ClientHalf",
+    "RoundSums",
     "derive_seed",
     "client_uplink",
     "float_state",
@@ -144,8 +145,72 @@ def shared_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+class RoundSums:
+    """A round's uploads folded in one at a time: for each entry the weighted sum
+    sum_i w_i t_i, the total weight sum_i w_i (the clients' sample counts), how many uploads
+    and their weighted training loss. O(one upload) of memory however many clients a round has.
+
+    :meth:`add` leaves the sums unchanged when it refuses an upload (entries other than the
+    round's first upload's, or a sum it would make non-finite).
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.weight = 0.0
+        self.count = 0
+        self._loss = 0.0
+        self._loss_weight = 0.0
+
+    @torch.no_grad()
+    def add(self, tensors: dict[str, torch.Tensor], weight: float, loss: float | None = None) -> None:
+        """Fold in one upload's ``tensors`` with aggregation weight ``weight``."""
+        if not weight > 0:
+            raise ValueError(f"weight = {weight!r}: must be > 0")
+        if self.count and tensors.keys() != self.sums.keys():
+            missing, extra = sorted(self.sums.keys() - tensors.keys()), sorted(tensors.keys() - self.sums.keys())
+            raise ValueError(f"its entries differ from the round's first upload's (missing {missing[:3]}, extra {extra[:3]})")
+        new = {}
+        for name, t in tensors.items():
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                raise TypeError(f"entry {name!r} is a {type(t).__name__ if not isinstance(t, torch.Tensor) else t.dtype}, not a floating-point tensor")
+            if name in self.sums:
+                s = self.sums[name]
+                if t.shape != s.shape:
+                    raise ValueError(f"entry {name!r} has shape {tuple(t.shape)}, the round's first upload {tuple(s.shape)}")
+                new[name] = torch.add(s, t.to(s.device, s.dtype), alpha=weight)
+            else:
+                new[name] = t * weight
+        bad = [n for n, v in new.items() if not bool(torch.isfinite(v).all())]
+        if bad:
+            raise ValueError(f"it makes the round's sum non-finite ({', '.join(bad[:3])})")
+        self.sums = new  # the old sums go: memory stays at one sum (and one upload) per entry
+        self.weight += float(weight)
+        self.count += 1
+        if loss is not None:
+            self._loss += float(loss) * weight
+            self._loss_weight += weight
+
+    def mean(self, name: str, like: torch.Tensor | None = None) -> torch.Tensor:
+        """sum_i w_i t_i / sum_i w_i of entry ``name`` (on ``like``'s device and dtype if given)."""
+        m = self.sums[name] / self.weight
+        return m if like is None else m.to(like.device, like.dtype)
+
+    @property
+    def train_loss(self) -> float:
+        """The uploads' training losses averaged with their weights (NaN without any)."""
+        return self._loss / self._loss_weight if self._loss_weight else float("nan")
+
+
 class ServerHalf(ABC):
-    """The server half of an algorithm. Holds the global state."""
+    """The server half of an algorithm. Holds the global state.
+
+    Aggregation comes in two forms. A server half that averages what its uploads carry
+    implements :meth:`fold` (one upload's tensors to average, decoded and checked, the server
+    untouched) and :meth:`finish` (the round's :class:`RoundSums` folded into the global
+    state): the transport then folds each upload in as it arrives, so a round holds O(model)
+    beyond the uploads in flight, however many clients it has. Any other server half
+    implements :meth:`aggregate` over the round's uploads at once.
+    """
 
     @abstractmethod
     def configure(self, rnd: int, client_ids: Sequence[int]) -> dict[int, Payload]:
@@ -158,13 +223,41 @@ class ServerHalf(ABC):
         ``rnd`` to bring its replica up to date (what changed since the last one)."""
         raise NotImplementedError(f"{type(self).__name__} does not support stateful clients")
 
-    @abstractmethod
+    def fold(self, rnd: int, cid: int, payload: Payload) -> dict[str, torch.Tensor]:
+        """Streaming aggregation: the tensors of client ``cid``'s upload that the round averages
+        (weighted by ``@num_samples``), decoded and checked against what this server expects
+        (a missing entry, a wrong shape: raise). Must not change the server."""
+        raise NotImplementedError(f"{type(self).__name__} aggregates a round's uploads at once (it has no fold)")
+
+    def finish(self, rnd: int, sums: RoundSums) -> dict[str, float]:
+        """Streaming aggregation: fold the round's sums into the global state (``sums.count``
+        may be 0: a round that aggregates nothing); return round statistics."""
+        raise NotImplementedError(f"{type(self).__name__} aggregates a round's uploads at once (it has no finish)")
+
+    @property
+    def streams(self) -> bool:
+        """Whether this server half folds uploads one at a time (implements :meth:`fold`)."""
+        return type(self).fold is not ServerHalf.fold
+
     def aggregate(self, rnd: int, replies: Sequence[tuple[int, Payload]]) -> dict[str, float]:
-        """Fold the clients' uplinks into the global state; return round statistics."""
+        """Fold the clients' uplinks into the global state; return round statistics. By
+        default: each reply through :meth:`fold`, then :meth:`finish`."""
+        if not self.streams:
+            raise NotImplementedError(f"{type(self).__name__} implements neither aggregate nor fold/finish")
+        sums = RoundSums()
+        for cid, payload in replies:
+            sums.add(self.fold(rnd, cid, payload), float(payload["@num_samples"]), payload.get("@train_loss"))
+        return self.finish(rnd, sums)
 
     @abstractmethod
     def global_model_state(self) -> dict[str, torch.Tensor]:
         """The current global model as a state dict of the user's model (for evaluation and saving)."""
+
+    def replica_state(self) -> Payload:
+        """Stateful clients: what an up-to-date client's replica holds now (every entry of
+        :meth:`ClientHalf.init_replica`), sent to a client that missed more broadcasts than
+        replaying them would save (:meth:`ClientHalf.restore` applies it)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot send a client its replica (only replay missed broadcasts)")
 
 
 class ClientHalf(ABC):
@@ -224,3 +317,13 @@ class ClientHalf(ABC):
     def sync(self, payload: Payload, replica: dict[str, torch.Tensor]) -> None:
         """Stateful clients: apply a broadcast to the replica, in place."""
         raise NotImplementedError(f"{type(self).__name__} does not support stateful clients")
+
+    def restore(self, payload: Payload, replica: dict[str, torch.Tensor]) -> None:
+        """Stateful clients: overwrite the replica, in place, with the server's
+        :meth:`ServerHalf.replica_state` (a client that missed too many broadcasts to replay)."""
+        missing = [k for k in replica if not isinstance(payload.get(k), torch.Tensor)]
+        if missing:
+            raise KeyError(f"the replica payload lacks {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}")
+        with torch.no_grad():
+            for name, value in replica.items():
+                value.copy_(payload[name])

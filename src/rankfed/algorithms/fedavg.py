@@ -23,11 +23,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rankfed.algorithms.aggregate import add_present_, apply_mean_update, mean_train_loss, sample_weights
+from rankfed.algorithms.aggregate import add_means_, add_present_, expect_entries
 from rankfed.algorithms.base import Algorithm, register
 from rankfed.algorithms.compression import CompressionOptions, UplinkCodec
 from rankfed.local import TrainStats
-from rankfed.protocol import ClientContext, ClientHalf, RunContext, ServerHalf, client_uplink, shared_state
+from rankfed.protocol import ClientContext, ClientHalf, RoundSums, RunContext, ServerHalf, client_uplink, shared_state
 from rankfed.wire import Payload
 
 __all__ = ["FedAvg", "load_weights"]
@@ -59,17 +59,21 @@ class FedAvgServer(ServerHalf):
     def broadcast(self, rnd: int) -> Payload:
         return {"@round": rnd, **self.last_update}
 
-    def aggregate(self, rnd: int, replies: Sequence[tuple[int, Payload]]) -> dict[str, float]:
-        if not replies:
+    def fold(self, rnd: int, cid: int, payload: Payload) -> dict[str, torch.Tensor]:
+        return expect_entries(self.codec.decode(payload), {n: self.state[n] for n in self.names})  # the dense update
+
+    def finish(self, rnd: int, sums: RoundSums) -> dict[str, float]:
+        if not sums.count:
             self.last_update = {}
             return {"clients": 0}
-        weights = sample_weights(replies)
-        deltas = (self.codec.decode(p) for _, p in replies)  # one client's dense update at a time
-        self.last_update = apply_mean_update(self.state, deltas, weights, self.names)
-        return {"clients": len(replies), "train_loss": mean_train_loss(replies, weights)}
+        self.last_update = add_means_(self.state, sums, self.names)
+        return {"clients": sums.count, "train_loss": sums.train_loss}
 
     def global_model_state(self) -> dict[str, torch.Tensor]:
         return self.state
+
+    def replica_state(self) -> Payload:
+        return {k: self.state[k] for k in self.names}
 
 
 class FedAvgClient(ClientHalf):

@@ -31,13 +31,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from rankfed.algorithms.aggregate import mean_train_loss, sample_weights, weighted_mean
+from rankfed.algorithms.aggregate import expect_entries
 from rankfed.algorithms.base import Algorithm, register
 from rankfed.algorithms.hetero import check_tiers, tier_of_clients
 from rankfed.errors import ConfigError
 from rankfed.local import TrainStats
 from rankfed.lowrank import apply_lora, lora_layers, max_rank
-from rankfed.protocol import ClientContext, ClientHalf, RunContext, ServerHalf, client_uplink, shared_state
+from rankfed.protocol import ClientContext, ClientHalf, RoundSums, RunContext, ServerHalf, client_uplink, shared_state
 from rankfed.wire import Payload
 
 __all__ = ["FedHM", "svd_factors", "factor_ranks"]
@@ -135,18 +135,25 @@ class FedHmServer(ServerHalf):
                 by_tier[tier] = self._payload(rnd, self.tier_ranks[tier])
         return {cid: by_tier[self.tier_of[cid]] for cid in client_ids}
 
-    def aggregate(self, rnd: int, replies: Sequence[tuple[int, Payload]]) -> dict[str, float]:
-        if not replies:
-            return {"clients": 0}
-        weights = sample_weights(replies)
+    def fold(self, rnd: int, cid: int, payload: Payload) -> dict[str, torch.Tensor]:
+        """Each factorised layer's full kernel up @ down (the client's rank, any tier) and the
+        other trained tensors, by the plain model's names."""
+        out = {}
         with torch.no_grad():
             for name in self.ranks:
                 kernel = self.state[f"{name}.weight"]
-                full = [_recover(p[f"{name}.up.weight"], p[f"{name}.down.weight"], kernel.shape) for _, p in replies]
-                kernel.copy_(weighted_mean(full, weights))
-            for key in self.others:
-                self.state[key].copy_(weighted_mean([p[_wrapped_name(key, self.ranks)] for _, p in replies], weights))
-        return {"clients": len(replies), "train_loss": mean_train_loss(replies, weights)}
+                out[f"{name}.weight"] = _recover(payload[f"{name}.up.weight"], payload[f"{name}.down.weight"], kernel.shape)
+        others = expect_entries(payload, {_wrapped_name(k, self.ranks): self.state[k] for k in self.others})
+        out.update({k: others[_wrapped_name(k, self.ranks)] for k in self.others})
+        return out
+
+    def finish(self, rnd: int, sums: RoundSums) -> dict[str, float]:
+        if not sums.count:
+            return {"clients": 0}
+        with torch.no_grad():
+            for key in sums.sums:  # the averaged models (kernels and the rest) replace the global ones
+                self.state[key].copy_(sums.mean(key, like=self.state[key]))
+        return {"clients": sums.count, "train_loss": sums.train_loss}
 
     def global_model_state(self) -> dict[str, torch.Tensor]:
         return self.state

@@ -119,8 +119,8 @@ class MFedLoruServer(LoraServer):
             out[name] = (_scale(self.options.nested_alpha, rank) * (d @ u)).reshape(value.shape)
         return out
 
-    def aggregate(self, rnd: int, replies: Sequence[tuple[int, Payload]]) -> dict[str, float]:
-        return super().aggregate(rnd, [(cid, self.recover(cid, p)) for cid, p in replies])
+    def fold(self, rnd: int, cid: int, payload: Payload) -> dict[str, torch.Tensor]:
+        return super().fold(rnd, cid, self.recover(cid, payload))
 
 
 class MFedLoruClient(LoraClient):

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from rankfed.algorithms.aggregate import add_present_, apply_mean_update, mean_train_loss, sample_weights
+from rankfed.algorithms.aggregate import add_means_, add_present_, expect_entries
 from rankfed.algorithms.base import Algorithm, register
 from rankfed.algorithms.compression import CompressionOptions, UplinkCodec, describe_bytes
 from rankfed.compress import low_rank_pays
@@ -50,7 +50,7 @@ from rankfed.errors import ConfigError
 from rankfed.local import TrainStats
 from rankfed.lowrank import apply_lora, dense_state_dict, lora_layers, merge_all
 from rankfed.lowrank.peft_lora import active_adapter, is_peft_model, merge_adapter, peft_config_of, peft_lora_layers
-from rankfed.protocol import ClientContext, ClientHalf, RunContext, ServerHalf, client_uplink, derive_seed, shared_state
+from rankfed.protocol import ClientContext, ClientHalf, RoundSums, RunContext, ServerHalf, client_uplink, derive_seed, shared_state
 from rankfed.wire import Payload
 
 __all__ = ["FALoRA", "FedLoRA", "FedLoRU", "LoraOptions", "build_lora_model", "factor_pairs", "global_state", "warn_large_factors"]
@@ -220,23 +220,27 @@ class LoraServer(ServerHalf):
     def broadcast(self, rnd: int) -> Payload:
         return {"@round": rnd, **self.last_update}
 
-    def aggregate(self, rnd: int, replies: Sequence[tuple[int, Payload]]) -> dict[str, float]:
+    def fold(self, rnd: int, cid: int, payload: Payload) -> dict[str, torch.Tensor]:
+        return expect_entries(self.codec.decode(payload), self.shared)  # the factors' (and other trained tensors') updates
+
+    def finish(self, rnd: int, sums: RoundSums) -> dict[str, float]:
         self.last_update = {}
-        if not replies:
+        if not sums.count:
             return {"clients": 0}
-        weights = sample_weights(replies)
-        deltas = (self.codec.decode(p) for _, p in replies)  # one client's dense update at a time
         # A and B (and everything else trained) are averaged separately, as the paper does.
-        self.last_update = apply_mean_update(self.shared, deltas, weights)
+        self.last_update = add_means_(self.shared, sums)
         if self.tau and rnd % self.tau == 0:
             seed = _merge_seed(self.run_seed, rnd)
             _merge(self.model, self.reinit, seed)
             self.merges += 1
             self.last_update.update({"@merge": True, "@merge_seed": seed})
-        return {"clients": len(replies), "train_loss": mean_train_loss(replies, weights)}
+        return {"clients": sums.count, "train_loss": sums.train_loss}
 
     def global_model_state(self) -> dict[str, torch.Tensor]:
         return global_state(self.model)
+
+    def replica_state(self) -> Payload:
+        return {k: v.detach() for k, v in {**self.shared, **self.base}.items()}
 
     def upload_tensors(self) -> dict[str, torch.Tensor]:
         """What an honest upload holds (its size bounds the uploads the server accepts)."""

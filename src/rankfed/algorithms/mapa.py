@@ -43,12 +43,12 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from rankfed.algorithms.aggregate import add_present_, apply_mean_update, mean_train_loss, sample_weights, weighted_mean
+from rankfed.algorithms.aggregate import add_means_, add_present_, expect_entries
 from rankfed.algorithms.base import Algorithm, register
 from rankfed.algorithms.compression import CompressionOptions, UplinkCodec
 from rankfed.errors import ConfigError
 from rankfed.local import TrainStats
-from rankfed.protocol import ClientContext, ClientHalf, RunContext, ServerHalf, client_uplink, derive_seed, shared_state
+from rankfed.protocol import ClientContext, ClientHalf, RoundSums, RunContext, ServerHalf, client_uplink, derive_seed, shared_state
 from rankfed.wire import Payload
 
 __all__ = ["MAPA", "MapaModule", "FlatLayout", "reconstruction_vector", "expand", "round_seed"]
@@ -152,6 +152,7 @@ class MapaServer(ServerHalf):
         self.shared = list(shared_state(model))  # the trainable parameters and float buffers: a stateless downlink
         self.buffer_names = list(_float_buffers(model))
         self.last: Payload = {}  # the last round's (seed, B_bar, buffer means) for stateful clients
+        self._b_shape = torch.empty(geo.k, device="meta")  # the shape an upload's B must have
 
     def _seed(self, rnd: int) -> int:
         return round_seed(self.run_seed, rnd, self.geo.opts.fresh_a)
@@ -163,23 +164,28 @@ class MapaServer(ServerHalf):
     def broadcast(self, rnd: int) -> Payload:
         return {"@round": rnd, "@seed": self._seed(rnd), **self.last}
 
-    def aggregate(self, rnd: int, replies: Sequence[tuple[int, Payload]]) -> dict[str, float]:
-        if not replies:
+    def fold(self, rnd: int, cid: int, payload: Payload) -> dict[str, torch.Tensor]:
+        """B (k,) and the buffers' updates."""
+        return expect_entries(self.codec.decode(payload), {"B": self._b_shape, **{n: self.state[n] for n in self.buffer_names}})
+
+    def finish(self, rnd: int, sums: RoundSums) -> dict[str, float]:
+        if not sums.count:
             self.last = {}
             return {"clients": 0}
-        weights = sample_weights(replies)
-        ups = [self.codec.decode(p) for _, p in replies]
-        b_bar = weighted_mean([u["B"] for u in ups], weights)
         seed = self._seed(rnd)
+        b_bar = sums.mean("B", like=self.params[0])
         a = self.geo.a(seed, b_bar.device)
         with torch.no_grad():
             self.geo.layout.add_(self.params, expand(a, b_bar, self.geo.d))  # W += vec(A B_bar)[:d]
-        buffer_means = apply_mean_update(self.state, ups, weights, self.buffer_names)
+        buffer_means = add_means_(self.state, sums, self.buffer_names)
         self.last = {"@prev_seed": seed, "B_prev": b_bar, **buffer_means}
-        return {"clients": len(replies), "train_loss": mean_train_loss(replies, weights)}
+        return {"clients": sums.count, "train_loss": sums.train_loss}
 
     def global_model_state(self) -> dict[str, torch.Tensor]:
         return self.state
+
+    def replica_state(self) -> Payload:
+        return {k: self.state[k] for k in self.shared}
 
 
 class MapaClient(ClientHalf):

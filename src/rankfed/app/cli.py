@@ -7,6 +7,8 @@
     rankfed plot DIR [DIR ...] [--out FILE.png]
     rankfed ddp CONFIG.toml --workers N --compressor greedylore [--rank R]
     rankfed flower run CONFIG.toml --supernodes N   (or --superlink HOST:PORT)
+    rankfed flower run --resume RUN_DIR --supernodes N
+    rankfed flower simulate CONFIG.toml --supernodes N --num-cpus C --num-gpus G [--ray-address HEAD:6379]
     rankfed flower app DIR
     rankfed analyze stable-rank RUN_DIR|CONFIG.toml --sizes 50,500
     rankfed analyze gradient-similarity RUN_DIR|CONFIG.toml --clients 10 --rank 4
@@ -220,7 +222,7 @@ def _interrupt(signum, frame) -> None:
 
 def _flower(args: argparse.Namespace, console: Console, err: Console) -> int:
     try:
-        from rankfed.app.flower import run_flower
+        from rankfed.app.flower import run_flower, simulate_flower
         from rankfed.flower.deploy import FlowerRunError, write_app
     except ImportError as e:
         raise ConfigError(f"rankfed flower needs Flower: pip install 'rankfed[flower]' ({e})") from None
@@ -228,9 +230,24 @@ def _flower(args: argparse.Namespace, console: Console, err: Console) -> int:
         path = write_app(args.dir)
         console.print(f"wrote {path / 'pyproject.toml'}; submit with `rankfed flower run CONFIG --superlink HOST:PORT`", highlight=False)
         return 0
-    cfg = load_config(args.config, args.overrides)
-    out = Path(args.out or f"runs/flower-{_name(cfg.task.dataset)}-{cfg.algorithm.name}-{_stamp()}")
-    where = f"SuperLink {args.superlink}" if args.superlink else f"a local deployment of {args.supernodes} SuperNodes"
+    resume = getattr(args, "resume", None)
+    if resume:
+        if args.config or args.overrides or args.out:
+            raise ConfigError("--resume RUN_DIR continues that run as it was configured: give no CONFIG, --set or --out")
+        if not (Path(resume) / "config.toml").is_file():
+            raise FileNotFoundError(f"--resume {resume!r}: not a run folder (no config.toml)")
+        cfg = load_config(Path(resume) / "config.toml")
+    elif args.config is None:
+        raise ConfigError(f"rankfed flower {args.flower_command}: give an experiment file" + (" (or --resume RUN_DIR)" if args.flower_command == "run" else ""))
+    else:
+        cfg = load_config(args.config, args.overrides)
+    simulation = args.flower_command == "simulate"
+    out = Path(resume or args.out or f"runs/flower-{'sim-' if simulation else ''}{_name(cfg.task.dataset)}-{cfg.algorithm.name}-{_stamp()}")
+    if simulation:
+        ray = f"the Ray cluster at {args.ray_address}" if args.ray_address else "Ray on this machine"
+        where = f"Flower's simulation runtime ({args.supernodes} virtual SuperNodes; {ray}, {args.num_cpus:g} CPUs and {args.num_gpus:g} GPUs per worker)"
+    else:
+        where = f"SuperLink {args.superlink}" if args.superlink else f"a local deployment of {args.supernodes} SuperNodes"
     if not args.quiet:
         err.print(f"flower: {cfg.algorithm.name} on {where}; logs in {out / 'flower-logs'}", highlight=False)
     command = _command()
@@ -239,10 +256,16 @@ def _flower(args: argparse.Namespace, console: Console, err: Console) -> int:
     with _ProgressReporter(err, cfg.federation.rounds, f"flower {cfg.algorithm.name}", args.quiet) as report:
         on_metrics = lambda m: report(argparse.Namespace(**m))  # noqa: E731 - a metrics line reads like a RoundRecord
         try:
-            s = run_flower(
-                cfg, out, supernodes=args.supernodes, superlink=args.superlink, root_certificates=args.root_certificates, insecure=args.insecure,
-                overwrite=args.overwrite, command=command, on_metrics=on_metrics, timeout=args.timeout, data_dir=args.data_dir,
-            )
+            if simulation:
+                s = simulate_flower(
+                    cfg, out, supernodes=args.supernodes, num_cpus=args.num_cpus, num_gpus=args.num_gpus, ray_address=args.ray_address,
+                    overwrite=args.overwrite, command=command, on_metrics=on_metrics, timeout=args.timeout, data_dir=args.data_dir,
+                )
+            else:
+                s = run_flower(
+                    cfg, out, supernodes=args.supernodes, superlink=args.superlink, root_certificates=args.root_certificates, insecure=args.insecure,
+                    overwrite=args.overwrite, command=command, on_metrics=on_metrics, timeout=args.timeout, data_dir=args.data_dir, resume=bool(resume),
+                )
         except FlowerRunError as e:
             err.print(f"rankfed: error: {e}", highlight=False)
             return 1
@@ -251,8 +274,10 @@ def _flower(args: argparse.Namespace, console: Console, err: Console) -> int:
         return 1
     if s.get("status") == "diverged":
         err.print(f"rankfed: warning: {s['diverged']}; the run stopped there", highlight=False)
+    sim = s.get("simulation") or {}
+    on = f"Flower simulation ({s['supernodes']} virtual SuperNodes, {sim.get('ray_workers')} Ray workers)" if simulation else f"Flower ({s['supernodes']} SuperNodes)"
     console.print(
-        f"{s['algorithm']} on Flower ({s['supernodes']} SuperNodes): best {_best(s)}; payload uplink {s['total_uplink_bytes'] / MB:.3f} MB "
+        f"{s['algorithm']} on {on}: best {_best(s)}; payload uplink {s['total_uplink_bytes'] / MB:.3f} MB "
         f"(Flower messages {s['total_flower_uplink_bytes'] / MB:.3f} MB), downlink {s['total_downlink_bytes'] / MB:.3f} MB "
         f"(Flower {s['total_flower_downlink_bytes'] / MB:.3f} MB); {s['failed_client_rounds']} failed client-rounds, "
         f"{len(s['skipped_rounds'])} skipped rounds; run folder {out}",
@@ -294,12 +319,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("flower", help="run on a Flower deployment (local SuperLink + SuperNodes, or a running federation)")
     fsub = sp.add_subparsers(dest="flower_command", required=True)
     fp = fsub.add_parser("run", help="run an experiment through Flower; writes the same run folder as `rankfed run`")
-    common(fp)
+    common(fp, optional_config=True)
+    fp.add_argument("--resume", metavar="RUN_DIR", help="continue a killed Flower run from its last saved state (no CONFIG)")
     fp.add_argument("--supernodes", type=int, default=2, help="local deployment: SuperNode processes (default 2); clients are spread over them")
     fp.add_argument("--superlink", metavar="HOST:PORT", help="submit to this running SuperLink instead of starting a local deployment")
     fp.add_argument("--root-certificates", metavar="CA.PEM", help="with --superlink: the CA certificate that signed the SuperLink's TLS certificate (default: the system's CAs)")
     fp.add_argument("--insecure", action="store_true", help="with --superlink: the SuperLink runs without TLS (flower-superlink --insecure)")
     fp.add_argument("--data-dir", help="local deployment: the dataset folder every SuperNode reads (node config data-dir)")
+    fp.add_argument("--timeout", type=float, default=None, help="give up after this many seconds (default: no limit)")
+    fp = fsub.add_parser("simulate", help="run an experiment on Flower's simulation runtime (virtual SuperNodes run by Ray workers); writes the same run folder")
+    common(fp)
+    fp.add_argument("--supernodes", type=int, default=2, help="virtual SuperNodes (default 2); clients are spread over them as over a deployment's")
+    fp.add_argument("--num-cpus", type=float, default=1, help="CPUs per Ray worker (default 1); the workers are as many as the Ray cluster's CPUs hold")
+    fp.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per Ray worker (default 0; 0.5 puts two workers on each GPU)")
+    fp.add_argument("--ray-address", metavar="ADDRESS", help="a running Ray cluster (`ray start --head` prints HEAD:6379) instead of starting Ray here")
+    fp.add_argument("--data-dir", help="the dataset folder the ServerApp and every Ray worker read (task.data_dir)")
     fp.add_argument("--timeout", type=float, default=None, help="give up after this many seconds (default: no limit)")
     fp = fsub.add_parser("app", help="write the Flower App (pyproject.toml) that runs rankfed experiments, for `flwr run`")
     fp.add_argument("dir", help="folder to write")

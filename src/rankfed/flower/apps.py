@@ -29,19 +29,26 @@ A SuperNode learns which clients it hosts from its node config: ``partition-id``
 ``num-partitions`` (client c on the SuperNode with ``c % num-partitions == partition-id``;
 ``rankfed-fault = "nan"`` is fault injection for tests). Client-side state lives in the
 SuperNode's per-run ``Context.state``, since every message runs in a fresh ClientApp
-process: each hosted client's private state (error feedback, personal factors), its data's
+process (on Flower's simulation runtime, in whichever Ray worker is free, with the virtual
+SuperNode's ``Context``): each hosted client's private state (error feedback, personal factors), its data's
 tensors (so later messages need not load the data again) and, for stateful algorithms, the
 SuperNode's replica of the global model with the round it was last synced to.
+
+With ``execution = "vectorized"`` (or ``"auto"`` on a GPU) the clients a SuperNode trains
+in one message train as one vectorised cohort (:meth:`~rankfed.protocol.ClientHalf.fit_cohort`)
+where the algorithm, model, optimiser, loss and data allow, as the simulator trains a round's
+clients; otherwise, and if the cohort does not fit the device, one by one.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import time
 import traceback
 from collections.abc import Callable
-from logging import INFO
+from logging import INFO, WARNING
 from typing import Any
 
 import torch
@@ -51,13 +58,13 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from rankfed.errors import ConfigError, Diverged
-from rankfed.local import ClientData
+from rankfed.local import ClientData, CohortOutOfMemory, cohort_supported
 from rankfed.protocol import ClientContext
-from rankfed.server import RunFolder, RunOptions, summarize
+from rankfed.server import RESUME_FILE, RunFolder, RunOptions, summarize
 from rankfed.server.experiment import resolve_client_kind
 
 from .records import payload_to_records, records_to_payload
-from .strategy import META, QuickPollGrid, RankfedStrategy, hosted_clients
+from .strategy import CATCH_UP, META, QuickPollGrid, RankfedStrategy, hosted_clients
 
 __all__ = ["server_app", "client_app", "serve", "client_train", "client_evaluate", "hello", "FLOWER_OPTIONS"]
 
@@ -100,23 +107,41 @@ def serve(grid: Grid, context: Context, fed, options: dict) -> dict:
     out = str(context.run_config.get("out-dir", ""))
     if not out:
         raise ConfigError("the Flower run config has no 'out-dir' (the run folder to write)")
-    folder = RunFolder(out, overwrite=True)  # the submitter checked and cleared it
+    resume = str(context.run_config.get("resume", "")).lower() == "true"
+    # the submitter checked and cleared it; a resumed run continues it from its resume.pt
+    folder = RunFolder.existing(out) if resume else RunFolder(out, overwrite=True)
     t0 = time.perf_counter()
     status: dict = {"status": "failed"}
     strategy = exp = None
     try:
         rounds, per_round, run_options, flower = _split(options)
         exp = fed.experiment(rounds, per_round, **run_options)
-        folder.write_text("config.toml", exp.config_text)
-        strategy = RankfedStrategy(exp, on_round=folder.on_round, on_checkpoint=folder.save_checkpoint)
+        saved = _load_resume(folder, exp) if resume else None
+        if saved is None:
+            folder.write_text("config.toml", exp.config_text)
+        save_every = exp.options.resume_every
+
+        def on_round(rec) -> None:
+            folder.on_round(rec)
+            if save_every and rec.round % save_every == 0 and rec.round < rounds:
+                _save_resume(folder, strategy, exp, time.perf_counter() - t0)
+
+        strategy = RankfedStrategy(exp, on_round=on_round, on_checkpoint=folder.save_checkpoint)
+        if saved is not None:
+            strategy.load_state_dict(saved)
+            folder.truncate_rounds(strategy.offset)
+            t0 -= saved["wall_s"]
         grid = QuickPollGrid(grid)
         strategy.connect(grid, flower["connect_timeout"])
         try:
-            strategy.start(grid, ArrayRecord(), num_rounds=rounds, timeout=flower["round_timeout"], evaluate_fn=strategy.evaluate_global)
+            strategy.start(grid, ArrayRecord(), num_rounds=rounds - strategy.offset, timeout=flower["round_timeout"], evaluate_fn=strategy.evaluate_global)
             status = {"status": "completed"}
         except Diverged as e:
             status = {"status": "diverged", "diverged_at_round": e.round, "diverged": str(e)}
+        if saved is not None:
+            status["resumed_from_round"] = saved["round"]
         torch.save(strategy.global_model_state(), folder.path / "model.pt")
+        (folder.path / RESUME_FILE).unlink(missing_ok=True)  # finished: nothing to resume
     except Exception as e:  # recorded in the run folder for the submitter, then re-raised for Flower
         status = {"status": "failed", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
         raise
@@ -128,6 +153,8 @@ def serve(grid: Grid, context: Context, fed, options: dict) -> dict:
                 "supernodes": strategy.nodes.num_partitions if strategy.nodes else None,
                 "total_flower_uplink_bytes": strategy.cum_flower_up,
                 "total_flower_downlink_bytes": strategy.cum_flower_down,
+                "execution": exp.execution,
+                "cohort_messages": strategy.cohort_messages,  # train messages a SuperNode trained as one vectorised cohort
                 "failed_client_rounds": strategy.failures_total,
                 "failure_reasons": strategy.failure_reasons,
                 "failure_examples": strategy.failure_examples,
@@ -137,6 +164,26 @@ def serve(grid: Grid, context: Context, fed, options: dict) -> dict:
             summary = {"transport": "flower"}
         folder.write_summary(summary | status)
     return summary | status
+
+
+_RESUME_FORMAT = 1
+
+
+def _save_resume(folder: RunFolder, strategy: RankfedStrategy, exp, wall_s: float) -> None:
+    """``resume.pt``: the strategy's state after its last round, written atomically."""
+    tmp = folder.path / f".{RESUME_FILE}.tmp"
+    torch.save({"format": _RESUME_FORMAT, "config": exp.config_text, "wall_s": wall_s, **strategy.state_dict()}, tmp)
+    os.replace(tmp, folder.path / RESUME_FILE)
+
+
+def _load_resume(folder: RunFolder, exp) -> dict:
+    path = folder.path / RESUME_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder.path}: no {RESUME_FILE} to resume from (federation.resume_every = 0, or the run stopped before its first resume point)")
+    saved = torch.load(path, map_location="cpu", weights_only=False)  # this run's own file
+    if saved.get("format") != _RESUME_FORMAT or saved.get("config") != exp.config_text:
+        raise ConfigError(f"{path}: saved by a different experiment or rankfed version; cannot resume it with this one")
+    return saved
 
 
 # -- client ----------------------------------------------------------------------------------------
@@ -159,12 +206,32 @@ class Node:
             clients, _ = fed.data()
             self.data = {cid: clients[cid] for cid in self.clients}
             _cache_data(context, self.data)
-        ctx = fed.run_context(rounds)
+        self.ctx = ctx = fed.run_context(rounds)
         self.model = fed.initial_model().to(ctx.device)
         self.client = fed.algorithm.make_client(self.model, ctx)
         self.trainer = ctx.trainer()
         self.data = {cid: d.to(ctx.device) for cid, d in self.data.items()}
         self.kind = resolve_client_kind(fed.algorithm, run.client_kind)
+        # as Experiment.execution resolves it: "auto" is vectorized on a GPU, where it is measured faster
+        self.execution = run.execution if run.execution != "auto" else ("vectorized" if ctx.device.type == "cuda" else "sequential")
+        self.compile = run.compile
+
+    def fit_cohort(self, payloads: list, ctxs: list[ClientContext]) -> list | None:
+        """The uplinks of ``ctxs``' clients trained as one vectorised cohort, as the simulator
+        trains them; None (train them one by one) when the model, options, loss or data do not
+        allow it, the algorithm has no cohort path, or the cohort does not fit the device."""
+        why = cohort_supported(self.model, self.ctx.local, self.ctx.task, self.data[self.clients[0]])
+        if why is None:
+            try:
+                uplinks = self.client.fit_cohort(payloads, ctxs, compile=self.compile)
+            except CohortOutOfMemory as e:  # nothing of the cohort was kept
+                why = str(e)
+            else:
+                if uplinks is not None:
+                    return uplinks
+                why = "this algorithm with these options has no vectorised path"
+        log(WARNING, "rankfed: federation.execution = 'vectorized': clients %s train one by one (%s)", [c.client_id for c in ctxs], why)
+        return None
 
 
 def _cached_data(context: Context, clients: list[int]) -> dict[int, ClientData] | None:
@@ -195,8 +262,19 @@ def _save_state(context: Context, cid: int, state: dict) -> None:
         context.state[f"rankfed.client.{cid}"] = ConfigRecord({"state": buf.getvalue()})
 
 
-def _replica(node: Node, context: Context, rnd: int, broadcast) -> dict[str, torch.Tensor] | None:
-    """Stateful kinds: this SuperNode's replica, brought up to round ``rnd`` with ``broadcast``."""
+def catch_up_of(content: RecordDict) -> tuple[str, list[int], list] | None:
+    """The catch-up a train message carries: (kind, rounds, payloads), or None."""
+    meta = content.get(CATCH_UP)
+    if meta is None:
+        return None
+    rounds = [int(r) for r in meta["rounds"]]
+    count = len(rounds) if meta["kind"] == "replay" else 1
+    return str(meta["kind"]), rounds, [records_to_payload(content, f"catchup.{i}") for i in range(count)]
+
+
+def _replica(node: Node, context: Context, rnd: int, broadcast, catch_up: tuple[str, list[int], list] | None = None) -> dict[str, torch.Tensor] | None:
+    """Stateful kinds: this SuperNode's replica, brought up to round ``rnd`` with ``broadcast``
+    (after the missed broadcasts of a ``catch_up`` replayed, or the replica a catch-up sends whole)."""
     if node.kind != "stateful":
         return None
     meta = context.state.get("rankfed.replica.meta")
@@ -206,9 +284,16 @@ def _replica(node: Node, context: Context, rnd: int, broadcast) -> dict[str, tor
     else:
         replica = records_to_payload(context.state, "rankfed.replica")
         synced = int(meta["round"])
-    if synced != rnd - 1:
-        raise RuntimeError(f"replica is at round {synced} but this is round {rnd}: a broadcast was missed (the SuperNode was down)")
-    node.client.sync(broadcast, replica)
+    kind, rounds, payloads = catch_up if catch_up is not None else ("", [], [])
+    if kind == "model":  # the server's replica, this round's broadcast included
+        node.client.restore(payloads[0], replica)
+    else:
+        missed = [(r, p) for r, p in zip(rounds, payloads) if r > synced]  # (it may have synced some already)
+        if synced + len(missed) != rnd - 1:
+            raise RuntimeError(f"replica is at round {synced} but this is round {rnd}: a broadcast was missed (the SuperNode was down) and not replayed")
+        for _, payload in missed:
+            node.client.sync(payload, replica)
+        node.client.sync(broadcast, replica)
     for name, rec in payload_to_records(replica, "rankfed.replica").items():
         context.state[name] = rec
     context.state["rankfed.replica.meta"] = ConfigRecord({"round": rnd})
@@ -226,23 +311,27 @@ def client_train(msg: Message, context: Context, node: Node) -> Message:
     meta = msg.content[META]
     rnd, cids = int(meta["round"]), [int(c) for c in meta["clients"]]
     broadcast = records_to_payload(msg.content, "broadcast") if node.kind == "stateful" else None
-    replica = _replica(node, context, rnd, broadcast)
+    replica = _replica(node, context, rnd, broadcast, catch_up_of(msg.content) if node.kind == "stateful" else None)
     downlinks = {}
     if node.kind == "stateless":
         received = {j: records_to_payload(msg.content, f"down.{j}") for j in sorted(set(meta["downlink_of"]))}
         downlinks = {cid: received[j] for cid, j in zip(cids, meta["downlink_of"])}
-    out: dict = {META: ConfigRecord({"clients": cids})}
     for cid in cids:
         if cid not in node.data:
             raise ValueError(f"client {cid} is not hosted on partition {node.partition_id} of {node.num_partitions}")
-        state = _load_state(context, cid)
-        cctx = ClientContext(cid, rnd, node.model, node.data[cid], node.trainer, state, replica)
-        uplink = node.client.fit(broadcast if node.kind == "stateful" else downlinks[cid], cctx)
-        _save_state(context, cid, state)
+    ctxs = [ClientContext(cid, rnd, node.model, node.data[cid], node.trainer, _load_state(context, cid), replica) for cid in cids]
+    payloads = [broadcast if node.kind == "stateful" else downlinks[cid] for cid in cids]
+    uplinks = node.fit_cohort(payloads, ctxs) if node.execution == "vectorized" and cids else None
+    cohort = uplinks is not None
+    if uplinks is None:
+        uplinks = [node.client.fit(payload, cctx) for payload, cctx in zip(payloads, ctxs)]
+    out: dict = {META: ConfigRecord({"clients": cids, "cohort": cohort})}
+    for cid, cctx, uplink in zip(cids, ctxs, uplinks):
+        _save_state(context, cid, cctx.state)
         if context.node_config.get("rankfed-fault") == "nan":  # fault injection: a SuperNode sending garbage
             uplink = {k: v * float("nan") if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in uplink.items()}
         out |= payload_to_records(uplink, f"up.{cid}")
-    log(INFO, "rankfed: round %d: trained clients %s", rnd, cids)
+    log(INFO, "rankfed: round %d: trained clients %s%s", rnd, cids, " as one cohort" if cohort else "")
     return Message(RecordDict(out), reply_to=msg)
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import tomli_w
 
-__all__ = ["LocalDeployment", "submit", "write_app", "FlowerRunError", "flower_env"]
+__all__ = ["LocalDeployment", "submit", "write_app", "FlowerRunError", "flower_env", "complete_lines"]
 
 # the Flower App of experiment files (rankfed.app.flower)
 TOML_APP = ("rankfed.app.flower:server_app", "rankfed.app.flower:client_app")
@@ -43,7 +43,7 @@ def write_app(path: str | os.PathLike, serverapp: str = TOML_APP[0], clientapp: 
     and their defaults (``out-dir`` and ``command`` are always there)."""
     p = Path(path)
     p.mkdir(parents=True, exist_ok=True)
-    run_config = {"out-dir": "", "command": "", **({"experiment": ""} if (serverapp, clientapp) == TOML_APP else {}), **(config or {})}
+    run_config = {"out-dir": "", "command": "", "resume": "", **({"experiment": ""} if (serverapp, clientapp) == TOML_APP else {}), **(config or {})}
     doc = {
         "build-system": {"requires": ["setuptools>=68"], "build-backend": "setuptools.build_meta"},
         "project": {"name": name, "version": "0.1.0", "description": "A rankfed federation on Flower", "license": "Apache-2.0", "dependencies": ["rankfed"]},
@@ -129,11 +129,20 @@ class LocalDeployment:
 
     SuperNode i has node config ``partition-id=i num-partitions=supernodes``. Logs go to
     ``log_dir`` (superlink.log, supernode-<i>.log). ``address`` is the SuperLink's.
+    ``heartbeat_interval`` (seconds, 10 to 1800; None: Flower's 30 s) is the SuperNodes'
+    heartbeat interval: a SuperNode that dies is noticed, and a round stops waiting for it,
+    2 intervals after its last heartbeat (:mod:`rankfed.flower._supernode`).
     """
 
-    def __init__(self, supernodes: int, log_dir: str | os.PathLike, *, data_dir: str | None = None, startup_timeout: float = 60.0, node_config: dict[int, str] | None = None):
+    def __init__(
+        self, supernodes: int, log_dir: str | os.PathLike, *, data_dir: str | None = None, startup_timeout: float = 60.0,
+        node_config: dict[int, str] | None = None, heartbeat_interval: float | None = None,
+    ):  # fmt: skip
         if supernodes < 1:
             raise ValueError(f"--supernodes {supernodes}: must be >= 1")
+        if heartbeat_interval is not None and not 10 <= heartbeat_interval <= 1800:
+            raise ValueError(f"heartbeat_interval = {heartbeat_interval!r}: must be in [10, 1800] seconds (what Flower's SuperLink accepts)")
+        self.heartbeat_interval = heartbeat_interval
         self.supernodes = supernodes
         self.log_dir = Path(log_dir)
         self.data_dir = data_dir
@@ -171,11 +180,9 @@ class LocalDeployment:
                 node_config += f' data-dir="{self.data_dir}"'
             if i in self.extra_node_config:
                 node_config += " " + self.extra_node_config[i]
+            supernode = [str(bindir / "flower-supernode")] if self.heartbeat_interval is None else [sys.executable, "-m", "rankfed.flower._supernode", str(self.heartbeat_interval)]
             self.nodes.append(
-                self._spawn(
-                    [str(bindir / "flower-supernode"), "--insecure", "--superlink", self.address, "--node-config", node_config, "--port", str(_free_port())],
-                    f"supernode-{i}.log",
-                )
+                self._spawn([*supernode, "--insecure", "--superlink", self.address, "--node-config", node_config, "--port", str(_free_port())], f"supernode-{i}.log")
             )
         return self
 
@@ -205,19 +212,30 @@ class LocalDeployment:
         self.stop()
 
 
+def complete_lines(path: Path) -> list[str]:
+    """The lines of ``path`` written to the end (a line still being appended is left for the
+    next look); none if there is no such file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    return text.split("\n")[:-1]
+
+
 def _follow(out: Path, stream: subprocess.Popen, on_metrics: Callable[[dict], None] | None, timeout: float | None, log: Path) -> dict:
     """Wait for ``out/summary.json``, passing each new metrics.jsonl line to ``on_metrics``."""
     seen = 0
     deadline = None if timeout is None else time.monotonic() + timeout
     summary_file, metrics_file = out / "summary.json", out / "metrics.jsonl"
     while True:
-        if metrics_file.exists() and on_metrics is not None:
-            lines = metrics_file.read_text(encoding="utf-8").splitlines()
+        finished = summary_file.exists()  # looked at first: the ServerApp writes the summary after the last metrics line
+        if on_metrics is not None:
+            lines = complete_lines(metrics_file)
             for line in lines[seen:]:
                 with contextlib.suppress(json.JSONDecodeError):
                     on_metrics(json.loads(line))
             seen = len(lines)
-        if summary_file.exists():
+        if finished:
             with contextlib.suppress(json.JSONDecodeError):
                 return json.loads(summary_file.read_text(encoding="utf-8"))
         if stream.poll() is not None and not summary_file.exists():
@@ -256,6 +274,7 @@ def submit(
     out = Path(out_dir).resolve()
     logs = out / "flower-logs"
     logs.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").unlink(missing_ok=True)  # an old run's would end the wait at once: the run is done when its own appears
     with tempfile.TemporaryDirectory(prefix="rankfed-submit-") as tmp:
         tmp_p = Path(tmp)
         home = tmp_p / "home"

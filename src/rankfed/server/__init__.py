@@ -7,8 +7,8 @@
 """
 
 from rankfed.server.experiment import EXECUTIONS, Experiment, RunOptions
-from rankfed.server.round import Downlink, Evaluator, RoundRecord, Rounds, aggregate_round, sample_clients, upload_limit
-from rankfed.server.runfolder import RESUME_FILE, RunFolder, dumps, summarize
+from rankfed.server.round import CatchUp, Downlink, Evaluator, RoundRecord, Rounds, aggregate_round, sample_clients, upload_limit
+from rankfed.server.runfolder import CLIENT_STATE_DIR, RESUME_FILE, RunFolder, dumps, summarize
 from rankfed.server.validate import aggregate_checked, check_upload
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "EXECUTIONS",
     "Rounds",
     "Downlink",
+    "CatchUp",
     "RoundRecord",
     "Evaluator",
     "aggregate_round",
@@ -26,6 +27,7 @@ __all__ = [
     "summarize",
     "dumps",
     "RESUME_FILE",
+    "CLIENT_STATE_DIR",
     "aggregate_checked",
     "check_upload",
 ]

@@ -44,6 +44,15 @@ class RunOptions:
             allow) or ``"auto"`` (vectorized on a GPU, sequential on a CPU).
         compile: vectorized: ``torch.compile`` each cohort step.
         workers: clients not trained as a cohort train in this many threads at once.
+        client_state: where per-client state lives (error feedback, GreedyLore bases, personal
+            factors): ``"memory"``, or ``"disk"`` (the run folder's ``client-state/``, at most
+            ``client_state_cache`` clients' states in memory).
+        client_state_cache: ``client_state = "disk"``: clients whose state is kept in memory.
+        availability: the probability that a client is online in a round (simulator; clients
+            are sampled among those online, and a stateful client that was offline is brought
+            up to date when it is back).
+        availability_trace: a file saying who is online in each round, instead (one line per
+            round: the online client ids).
     """
 
     rounds: int = 20
@@ -56,11 +65,22 @@ class RunOptions:
     execution: str = "auto"
     compile: bool = False
     workers: int = 1
+    client_state: str = "memory"
+    client_state_cache: int = 256
+    availability: float = 1.0
+    availability_trace: str = ""
 
     def __post_init__(self) -> None:
         check_fields(self, "federation")
         choice("federation.client_kind", self.client_kind, ("auto", "stateless", "stateful"))
         choice("federation.execution", self.execution, EXECUTIONS)
+        choice("federation.client_state", self.client_state, ("memory", "disk"))
+        if not 0.0 < self.availability <= 1.0:
+            raise bad("federation.availability", self.availability, "must be in (0, 1] (the probability a client is online in a round)")
+        if self.availability_trace and self.availability != 1.0:
+            raise bad("federation.availability", self.availability, "give either it or federation.availability_trace, not both")
+        if self.client_state_cache < 1:
+            raise bad("federation.client_state_cache", self.client_state_cache, "must be >= 1 (clients whose state stays in memory)")
         if self.rounds < 1:
             raise bad("federation.rounds", self.rounds, "must be >= 1")
         if not 1 <= self.workers <= 256:

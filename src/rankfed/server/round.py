@@ -5,9 +5,12 @@ simulator and the Flower strategy call the same two methods and differ only in h
 reach clients::
 
     plan = rounds.downlink(rnd)        # who is sampled; what each receives, serialised once per distinct payload
-    ...                                # the transport delivers plan's payloads and collects uplinks
-    rec, state = rounds.aggregate(plan, [(cid, upload), ...], up_sizes, clients)   # checked, folded in, counted
+    fold = rounds.open(plan)           # the transport delivers plan's payloads; each uplink, as it arrives:
+    fold.add(cid, upload)              #   checked and folded in (O(model) however many clients)
+    rec, state = rounds.close(plan, fold, up_sizes, clients)   # the round folded into the server, counted
     evaluator(rec, state); rounds.commit(rec)
+
+(``rounds.aggregate(plan, replies, up_sizes, clients)`` does the middle three for uplinks at hand.)
 
 Bytes are measured, never computed: a downlink's size is the length of
 :func:`rankfed.wire.encode` of its payload (one serialisation per distinct payload object,
@@ -30,16 +33,20 @@ from torch import nn
 from rankfed.errors import Diverged
 from rankfed.local import ClientData, Task
 from rankfed.protocol import CLIENT_KINDS, ServerHalf, float_state
-from rankfed.server.validate import CheckedRound, aggregate_checked, nonfinite_entries
+from rankfed.server.validate import CheckedRound, RoundFold
 from rankfed.wire import Payload, encode, encoded_size
 
-__all__ = ["Rounds", "Downlink", "RoundRecord", "Evaluator", "sample_clients", "aggregate_round", "upload_limit", "finite_or_none"]
+__all__ = ["Rounds", "Downlink", "CatchUp", "RoundRecord", "Evaluator", "sample_clients", "aggregate_round", "upload_limit", "finite_or_none"]
 
 
-def sample_clients(seed: int, rnd: int, num_clients: int, per_round: int) -> list[int]:
-    """The clients of round ``rnd``: ``per_round`` distinct ids, drawn from (seed, round) only."""
+def sample_clients(seed: int, rnd: int, num_clients: int, per_round: int, online: Sequence[int] | None = None) -> list[int]:
+    """The clients of round ``rnd``: ``per_round`` distinct ids, drawn from (seed, round) only;
+    with ``online`` (the clients reachable this round), drawn from those (all of them if fewer)."""
     rng = np.random.default_rng([seed, rnd, 0x5A11])
-    return sorted(int(i) for i in rng.choice(num_clients, size=per_round, replace=False))
+    if online is None:
+        return sorted(int(i) for i in rng.choice(num_clients, size=per_round, replace=False))
+    pool = sorted(int(c) for c in online)
+    return sorted(int(i) for i in rng.choice(pool, size=min(per_round, len(pool)), replace=False)) if pool else []
 
 
 def upload_limit(model: nn.Module, server: ServerHalf | None = None) -> int:
@@ -75,8 +82,11 @@ class RoundRecord:
     train_loss: float
     uplink_bytes_per_client: list[int] = field(default_factory=list)
     downlink_bytes_per_client: list[int] = field(default_factory=list)
-    broadcast_bytes: int = 0  # stateful clients: one broadcast's length, sent to every client
+    broadcast_bytes: int = 0  # stateful clients: one broadcast's length, sent to every client online
     broadcast_recipients: int = 0
+    online: int | None = None  # clients reachable this round (None: all, no availability model)
+    catch_ups: int = 0  # stateful clients back after missing broadcasts, brought up to date this round
+    catch_up_bytes: int = 0  # what that cost (replayed broadcasts or the model), in downlink_bytes
     evaluated: bool = False
     accuracy: float | None = None
     loss: float | None = None
@@ -111,6 +121,9 @@ class RoundRecord:
             "downlink_bytes_per_client": self.downlink_bytes_per_client,
             "broadcast_bytes": self.broadcast_bytes,
             "broadcast_recipients": self.broadcast_recipients,
+            "online": self.online,
+            "catch_ups": self.catch_ups,
+            "catch_up_bytes": self.catch_up_bytes,
             "round_s": self.round_s,
             "train_loss": finite_or_none(self.train_loss),
             "rejected": {str(c): why for c, why in self.rejected.items()},
@@ -133,6 +146,17 @@ class Downlink:
     payloads: list[Payload] = field(default_factory=list)
     raws: list[bytes] = field(default_factory=list)
     payload_of: dict[int, int] = field(default_factory=dict)
+    online: list[int] | None = None  # the clients reachable this round (None: all K)
+    catch_up_sizes: list[int] = field(default_factory=list)  # bytes of each catch-up sent this round
+
+    skipped_broadcasts: int = 0  # clients sent the replica whole this round instead of the broadcast
+
+    def charge(self, catch_up: CatchUp, replaces_broadcast: bool = True) -> None:
+        """Count ``catch_up``, sent this round, as downlink. A client sent the replica whole is
+        not sent this round's broadcast (the replica already includes it) unless
+        ``replaces_broadcast`` is False (a message that carries both, as Flower's do)."""
+        self.catch_up_sizes.append(catch_up.size)
+        self.skipped_broadcasts += catch_up.kind == "model" and replaces_broadcast
 
     def payload_for(self, cid: int) -> Payload:
         return self.broadcast if self.broadcast is not None else self.payloads[self.payload_of[cid]]
@@ -143,20 +167,37 @@ class Downlink:
         return [len(self.raws[self.payload_of[c]]) for c in self.ids if c in self.payload_of]
 
 
-def aggregate_round(server: ServerHalf, rnd: int, replies, *, min_clients: int, max_bytes: int | None) -> tuple[CheckedRound, dict[str, torch.Tensor]]:
-    """A round's checked aggregation (:func:`rankfed.server.validate.aggregate_checked`) and the
-    resulting global model state. Raises :class:`Diverged` when every upload was non-finite,
-    or when the global model is non-finite all the same (a non-finite starting model, which
-    no upload can repair)."""
-    checked = aggregate_checked(server, rnd, replies, min_clients=min_clients, max_bytes=max_bytes)
+@dataclass
+class CatchUp:
+    """What brings a stateful client that missed broadcasts back up to date in round ``rnd``:
+    the missed broadcasts (rounds since+1 .. rnd-1) to replay in order before this round's
+    (``kind = "replay"``), or the replica itself (``"model"``,
+    :meth:`~rankfed.protocol.ServerHalf.replica_state`: it already includes this round's
+    broadcast, which the client is then not sent), whichever is smaller. ``raws`` are the
+    serialised payloads; ``size`` is what is charged as downlink."""
+
+    kind: str
+    raws: list[bytes]
+    since: int | None  # the last round the client had synced (None: not known)
+    rnd: int  # the round it is brought up to date in
+
+    @property
+    def size(self) -> int:
+        return sum(len(r) for r in self.raws)
+
+
+def aggregate_round(fold: RoundFold, *, min_clients: int) -> tuple[CheckedRound, dict[str, torch.Tensor]]:
+    """A round's checked aggregation (:class:`rankfed.server.validate.RoundFold`, its uploads
+    added) and the resulting global model state. Raises :class:`Diverged` when every upload was
+    non-finite, or when the global model is non-finite all the same (a non-finite starting
+    model, which no upload can repair)."""
+    checked = fold.result(min_clients)
     if checked.all_nonfinite:  # every client's training blew up: the run diverged
-        names = {n for _, p in replies for n in nonfinite_entries(p)}
-        names |= {"@train_loss" for _, p in replies if isinstance(p.get("@train_loss"), float) and not math.isfinite(p["@train_loss"])}
-        raise Diverged(rnd, sorted(names), where="every client's upload has")
+        raise Diverged(fold.rnd, sorted(fold.nonfinite), where="every client's upload has")
     state = checked.server.global_model_state()
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
-        raise Diverged(rnd, bad)
+        raise Diverged(fold.rnd, bad)
     return checked, state
 
 
@@ -174,16 +215,22 @@ class Rounds:
         self.client_kind, self.min_clients, self.max_upload_bytes = client_kind, min_clients, max_upload_bytes
         self.cum_up = self.cum_down = 0
         self.history: list[RoundRecord] = []
+        # stateful clients: the recent broadcasts, (round, serialised), kept while together no
+        # bigger than the replica (older ones would never be replayed: the model is smaller)
+        self.broadcast_log: list[tuple[int, bytes]] = []
+        self._replica_size: int | None = None
 
-    def sample(self, rnd: int) -> list[int]:
-        return sample_clients(self.seed, rnd, self.num_clients, self.clients_per_round)
+    def sample(self, rnd: int, online: Sequence[int] | None = None) -> list[int]:
+        return sample_clients(self.seed, rnd, self.num_clients, self.clients_per_round, online)
 
-    def downlink(self, rnd: int) -> Downlink:
-        """Round ``rnd``'s sampled clients and payloads, each distinct payload serialised once."""
-        plan = Downlink(rnd, self.sample(rnd), time.perf_counter())
+    def downlink(self, rnd: int, online: Sequence[int] | None = None) -> Downlink:
+        """Round ``rnd``'s sampled clients (among ``online``, if given) and payloads, each
+        distinct payload serialised once."""
+        plan = Downlink(rnd, self.sample(rnd, online), time.perf_counter(), online=None if online is None else sorted(online))
         if self.client_kind == "stateful":
             plan.broadcast = self.server.broadcast(rnd)
             plan.broadcast_raw = encode(plan.broadcast)
+            self._log(rnd, plan.broadcast_raw)
             return plan
         downlinks = self.server.configure(rnd, plan.ids)
         index: dict[int, int] = {}  # id(payload object) -> its entry
@@ -196,18 +243,66 @@ class Rounds:
             plan.payload_of[cid] = index[id(sent)]
         return plan
 
+    # -- stateful clients that come and go -------------------------------------------------------
+    def replica_size(self) -> int | None:
+        """Bytes of the replica sent whole (None where the server half cannot send it)."""
+        if self._replica_size is None:
+            try:
+                self._replica_size = encoded_size(self.server.replica_state())
+            except NotImplementedError:
+                return None
+        return self._replica_size
+
+    def _log(self, rnd: int, raw: bytes) -> None:
+        self.broadcast_log.append((rnd, raw))
+        limit = self.replica_size()
+        while limit is not None and len(self.broadcast_log) > 1 and sum(len(r) for _, r in self.broadcast_log) > limit:
+            self.broadcast_log.pop(0)
+
+    def catch_up(self, since: int | None, rnd: int) -> CatchUp:
+        """What brings a client whose replica was last synced in round ``since`` (None: not
+        known, say after a failed message or a restart) up to date in round ``rnd`` (see
+        :class:`CatchUp`): the broadcasts of rounds since+1 .. rnd-1 if they are all kept and,
+        with this round's, smaller than the replica; else the replica (the server's state at
+        round ``rnd``'s downlink). Call it after :meth:`downlink` of ``rnd``."""
+        if since is not None:
+            logged = dict(self.broadcast_log)
+            missed = [logged[r] for r in range(since + 1, rnd) if r in logged]
+            size = self.replica_size()
+            now = len(logged.get(rnd, b""))
+            if len(missed) == rnd - 1 - since and (size is None or sum(len(r) for r in missed) + now < size):
+                return CatchUp("replay", missed, since, rnd)
+        size = self.replica_size()
+        if size is None:
+            raise RuntimeError(f"a client last synced in round {since} cannot catch up in round {rnd}: {type(self.server).__name__} cannot send its replica and the broadcasts it missed are no longer kept")
+        return CatchUp("model", [encode(self.server.replica_state())], since, rnd)
+
+    def open(self, plan: Downlink) -> RoundFold:
+        """Round ``plan.rnd``'s aggregation: ``add(cid, upload)`` each decoded upload as it
+        arrives (checked, folded in, never kept by a server half that streams), then :meth:`close`."""
+        return RoundFold(self.server, plan.rnd, max_bytes=self.max_upload_bytes)
+
     def aggregate(self, plan: Downlink, replies: Sequence[tuple[int, Payload]], up_sizes: Sequence[int], clients: Sequence[int]) -> tuple[RoundRecord, dict[str, torch.Tensor]]:
-        """Fold ``replies`` ((client id, decoded upload), in ascending client order) into the
-        server; the round's record and the global model state. ``clients`` sent uploads of
-        ``up_sizes`` bytes (what the transport measured on the wire, lost and rejected uploads
-        included). The transport evaluates, then adds the record with :meth:`commit`."""
-        checked, state = aggregate_round(self.server, plan.rnd, list(replies), min_clients=self.min_clients, max_bytes=self.max_upload_bytes)
+        """:meth:`open`, ``add`` each of ``replies`` ((client id, decoded upload)), :meth:`close`."""
+        fold = self.open(plan)
+        for cid, payload in replies:
+            fold.add(cid, payload)
+        return self.close(plan, fold, up_sizes, clients)
+
+    def close(self, plan: Downlink, fold: RoundFold, up_sizes: Sequence[int], clients: Sequence[int]) -> tuple[RoundRecord, dict[str, torch.Tensor]]:
+        """Fold the round's checked uploads (``fold``, added in ascending client order for
+        results that do not depend on arrival) into the server; the round's record and the
+        global model state. ``clients`` sent uploads of ``up_sizes`` bytes (what the transport
+        measured on the wire, lost and rejected uploads included). The transport evaluates,
+        then adds the record with :meth:`commit`."""
+        checked, state = aggregate_round(fold, min_clients=self.min_clients)
         self.server, stats = checked.server, checked.stats
         up_sizes = list(up_sizes)
         down_sizes = plan.down_sizes
         broadcast = len(plan.broadcast_raw) if plan.broadcast_raw is not None else 0
-        recipients = self.num_clients if plan.broadcast_raw is not None else 0
-        down_total = sum(down_sizes) + broadcast * recipients
+        reachable = self.num_clients if plan.online is None else len(plan.online)
+        recipients = reachable - plan.skipped_broadcasts if plan.broadcast_raw is not None else 0
+        down_total = sum(down_sizes) + broadcast * recipients + sum(plan.catch_up_sizes)
         self.cum_up += sum(up_sizes)
         self.cum_down += down_total
         rec = RoundRecord(
@@ -224,6 +319,9 @@ class Rounds:
             downlink_bytes_per_client=down_sizes,
             broadcast_bytes=broadcast,
             broadcast_recipients=recipients,
+            online=None if plan.online is None else len(plan.online),
+            catch_ups=len(plan.catch_up_sizes),
+            catch_up_bytes=sum(plan.catch_up_sizes),
             rejected=checked.rejected,
             skipped=checked.skipped,
         )

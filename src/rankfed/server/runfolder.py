@@ -10,7 +10,8 @@
 * ``model.pt``      - the final global model's state dict (``torch.save``);
 * ``checkpoints/round-NNNN.pt`` - with ``checkpoint_every = n``: the global model before round 1
   (``round-0000``), every n rounds and after the last (for ``rankfed analyze``);
-* ``resume.pt``     - while running: what a resumed run continues from.
+* ``resume.pt``     - while running: what a resumed run continues from;
+* ``client-state/`` - while running, with ``client_state = "disk"``: the clients' own state.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import shutil
 from pathlib import Path
 
 import torch
@@ -29,9 +31,10 @@ from rankfed.server.experiment import Experiment
 from rankfed.server.round import RoundRecord, finite_or_none
 from rankfed.wire import encoded_size
 
-__all__ = ["RunFolder", "summarize", "RESUME_FILE", "dumps"]
+__all__ = ["RunFolder", "summarize", "RESUME_FILE", "CLIENT_STATE_DIR", "dumps"]
 
 RESUME_FILE = "resume.pt"
+CLIENT_STATE_DIR = "client-state"
 
 
 def dumps(obj, **kwargs) -> str:
@@ -67,6 +70,7 @@ class RunFolder:
             (self.path / name).unlink(missing_ok=True)
         for old in (self.path / "checkpoints").glob("round-*.pt"):
             old.unlink()
+        shutil.rmtree(self.path / CLIENT_STATE_DIR, ignore_errors=True)
 
     def write_text(self, name: str, text: str) -> None:
         """Write atomically: a reader never sees half a file."""

@@ -5,15 +5,21 @@ Two layers, the same for every algorithm and every transport:
 1. **Generic checks** (:func:`check_upload`): ``@num_samples`` a positive
    integer (the aggregation weight), ``@train_loss`` (if sent) a finite number,
    every floating-point tensor finite, the encoded size within a bound.
-2. **The algorithm's own decoding**: the uploads are aggregated into a *copy* of
-   the server half first. If that raises (a missing entry, a wrong shape, a
-   scalar where a tensor belongs, ...) or leaves the global model non-finite,
-   each upload is tried alone on a fresh copy to find the culprits, which are
-   dropped with the error as the reason; the round is then aggregated from the
-   rest. Names, shapes and dtypes are thereby checked exactly as strictly as the
-   algorithm reads them. An accepted round's copy becomes the server (so an
-   upload is never applied twice).
+2. **The algorithm's own decoding** of that one upload. A server half that streams
+   (:meth:`~rankfed.protocol.ServerHalf.fold`) decodes each upload as it arrives,
+   checked against the tensors it updates; an upload it cannot use (a missing entry,
+   a wrong shape, a scalar where a tensor belongs, decoded values that are not finite,
+   a sum it would make non-finite) is dropped with the error as the reason, and the
+   round's sums stay as they were. The round's sums are then folded into a *copy* of
+   the server half (:meth:`~rankfed.protocol.ServerHalf.finish`); if that leaves the
+   global model non-finite, the uploads are fine alone but bad together and the round
+   is dropped. Memory: O(model) beyond the upload in hand, however many clients.
 
+   A server half that only has ``aggregate`` gets the uploads at once: they are
+   aggregated into a copy first and, if that raises or leaves the model non-finite,
+   each upload is tried alone on a fresh copy to find the culprits.
+
+An accepted round's copy becomes the server (so an upload is never applied twice).
 A round keeps its aggregation if at least ``min_clients`` uploads survive;
 otherwise it is *skipped*: the server aggregates nothing (its model unchanged,
 and a stateful algorithm's next broadcast carries no update). If every upload
@@ -31,10 +37,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rankfed.protocol import ServerHalf, float_state
+from rankfed.protocol import RoundSums, ServerHalf, float_state
 from rankfed.wire import Payload, encoded_size
 
-__all__ = ["upload_limit", "check_upload", "nonfinite_entries", "aggregate_checked", "CheckedRound", "NONFINITE"]
+__all__ = ["upload_limit", "check_upload", "nonfinite_entries", "aggregate_checked", "CheckedRound", "RoundFold", "NONFINITE"]
 
 NONFINITE = "non-finite values"
 
@@ -101,6 +107,78 @@ def _try(server: ServerHalf, rnd: int, replies: Sequence[tuple[int, Payload]]) -
     return trial, stats, None
 
 
+class RoundFold:
+    """One round's checked aggregation, an upload at a time (see the module): :meth:`add` each
+    ``(client id, upload)`` as it arrives, then :meth:`result`. A server half without
+    :meth:`~rankfed.protocol.ServerHalf.fold` gets the accepted uploads at once in :meth:`result`."""
+
+    def __init__(self, server: ServerHalf, rnd: int, *, max_bytes: int | None = None):
+        self.server, self.rnd, self.max_bytes = server, rnd, max_bytes
+        self.streams = server.streams
+        self.sums = RoundSums()
+        self.good: list[tuple[int, Payload]] = []  # a server half that does not stream: the uploads to aggregate
+        self.accepted: list[int] = []
+        self.rejected: dict[int, str] = {}
+        self.nonfinite: set[str] = set()  # names of the non-finite entries of rejected uploads (a diverged round's message)
+
+    def add(self, cid: int, payload: Payload) -> str | None:
+        """Check and fold in client ``cid``'s upload; why it was dropped, or None."""
+        why = check_upload(payload, self.max_bytes)
+        if why is not None and why.startswith(NONFINITE):
+            self.nonfinite.update(nonfinite_entries(payload))
+            loss = payload.get("@train_loss")
+            if isinstance(loss, float) and not math.isfinite(loss):
+                self.nonfinite.add("@train_loss")
+        if why is None and self.streams:
+            try:
+                tensors = self.server.fold(self.rnd, cid, payload)
+            except Exception as e:  # noqa: BLE001 - any failure to read an upload makes it a bad one
+                why = f"the {type(self.server).__name__} could not use it: {type(e).__name__}: {e}"
+            else:
+                bad = [n for n, v in tensors.items() if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+                if bad:  # finite on the wire, not once decoded: the client's values blew up all the same
+                    self.nonfinite.update(bad)
+                    why = f"{NONFINITE} in its decoded {', '.join(bad[:3])}"
+                else:
+                    try:
+                        self.sums.add(tensors, float(payload["@num_samples"]), payload.get("@train_loss"))
+                    except Exception as e:  # noqa: BLE001
+                        why = f"the {type(self.server).__name__} could not use it: {e}"
+        if why is not None:
+            self.rejected[cid] = why
+        else:
+            self.accepted.append(cid)
+            if not self.streams:
+                self.good.append((cid, payload))
+        return why
+
+    def result(self, min_clients: int = 1) -> CheckedRound:
+        """The round: the server half with the accepted uploads folded in (a copy), or the round
+        skipped when fewer than ``min_clients`` were accepted."""
+        if not self.streams:
+            return _aggregate_at_once(self.server, self.rnd, self.good, dict(self.rejected), min_clients)
+        rejected = dict(self.rejected)
+        if len(self.accepted) >= min_clients:
+            trial, stats, why = _finish(self.server, self.rnd, self.sums)
+            if why is None:
+                return CheckedRound(trial, stats, list(self.accepted), rejected)
+            rejected.update({cid: f"together with the others: {why}" for cid in self.accepted})
+        empty, _, _ = _finish(self.server, self.rnd, RoundSums())
+        return CheckedRound(empty if empty is not None else self.server, {"clients": 0}, [], rejected, skipped=True)
+
+
+def _finish(server: ServerHalf, rnd: int, sums: RoundSums) -> tuple[ServerHalf | None, dict, str | None]:
+    trial = copy.deepcopy(server)
+    try:
+        stats = trial.finish(rnd, sums)
+    except Exception as e:  # noqa: BLE001
+        return None, {}, f"the {type(trial).__name__} could not fold the round in: {type(e).__name__}: {e}"
+    bad = _nonfinite_state(trial)
+    if bad:
+        return None, {}, f"it makes the global model non-finite ({', '.join(bad[:3])})"
+    return trial, stats, None
+
+
 def aggregate_checked(
     server: ServerHalf,
     rnd: int,
@@ -110,14 +188,14 @@ def aggregate_checked(
     max_bytes: int | None = None,
 ) -> CheckedRound:
     """Aggregate the valid ``replies`` (see the module); never raises for a bad upload."""
-    rejected: dict[int, str] = {}
-    good = []
+    fold = RoundFold(server, rnd, max_bytes=max_bytes)
     for cid, payload in replies:
-        why = check_upload(payload, max_bytes)
-        if why is None:
-            good.append((cid, payload))
-        else:
-            rejected[cid] = why
+        fold.add(cid, payload)
+    return fold.result(min_clients)
+
+
+def _aggregate_at_once(server: ServerHalf, rnd: int, good: list[tuple[int, Payload]], rejected: dict[int, str], min_clients: int) -> CheckedRound:
+    """A server half without fold: the generically valid uploads ``good`` at once."""
     if len(good) >= min_clients:
         trial, stats, why = _try(server, rnd, good)
         if why is not None:  # find the culprits one by one, then aggregate the rest
