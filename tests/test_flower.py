@@ -409,10 +409,10 @@ def test_ctrl_c_stops_every_process_it_started(tmp_path):
     args = [sys.executable, "-m", "rankfed", "--quiet", "flower", "run", str(path), "--supernodes", "2", "--out", str(tmp_path / "fl")]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 900  # a guard against a hang, not a race: a loaded 2-core machine takes minutes to round 1
         while not (tmp_path / "fl" / "rounds.jsonl").exists():  # wait until it is training
             assert proc.poll() is None, proc.stderr.read()[-3000:]
-            assert time.monotonic() < deadline, "no round finished within 120 s"
+            assert time.monotonic() < deadline, "no round finished within 900 s"
             time.sleep(0.5)
         started = _descendants(proc.pid)
         assert len(started) >= 3  # SuperLink, 2 SuperNodes (and their helpers)
