@@ -283,13 +283,13 @@ def test_deployment_ends_with_the_simulators_model(deployment, tmp_path, label):
     path, cfg = _cfg(tmp_path, ALGORITHMS[label])
     sim = run_experiment(cfg, tmp_path / "sim")
     if label == "fedavg":  # through the command line, submitted to the running SuperLink
-        args = [sys.executable, "-m", "rankfed", "--quiet", "flower", "run", str(path), "--superlink", deployment.address, "--insecure", "--out", str(tmp_path / "fl"), "--timeout", "240"]
+        args = [sys.executable, "-m", "rankfed", "--quiet", "flower", "run", str(path), "--superlink", deployment.address, "--insecure", "--out", str(tmp_path / "fl"), "--timeout", "900"]
         proc = subprocess.run(args, capture_output=True, text=True, timeout=300, env=deployment.env)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "on Flower (2 SuperNodes)" in proc.stdout
         fl = json.loads((tmp_path / "fl" / "summary.json").read_text())
     else:
-        fl = run_flower(cfg, tmp_path / "fl", superlink=deployment.address, insecure=True, timeout=240)
+        fl = run_flower(cfg, tmp_path / "fl", superlink=deployment.address, insecure=True, timeout=900)
     assert fl["status"] == "completed", fl.get("error")
     assert fl["transport"] == "flower" and fl["supernodes"] == 2
     a = torch.load(tmp_path / "fl" / "model.pt")
@@ -657,7 +657,7 @@ def test_tls_federation_with_supernode_authentication(tmp_path):
             )  # fmt: skip
         path, _ = _cfg(tmp_path, ["federation.clients=2", "federation.participation=1.0"])
         args = [sys.executable, "-m", "rankfed", "--quiet", "flower", "run", str(path), "--superlink", f"127.0.0.1:{port}",
-                "--root-certificates", str(certs / "ca.crt"), "--out", str(tmp_path / "fl"), "--timeout", "240"]  # fmt: skip
+                "--root-certificates", str(certs / "ca.crt"), "--out", str(tmp_path / "fl"), "--timeout", "900"]  # fmt: skip
         proc = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
         s = json.loads((tmp_path / "fl" / "summary.json").read_text())
@@ -702,7 +702,7 @@ def _factory_app_on_flower_and_in_the_simulator(deployment, tmp_path, name: str,
         shutil.copy(path, app / Path(path).name)
     (app / f"{name}.py").write_text(code, encoding="utf-8")
     write_app(app, f"{name}:server", f"{name}:client", name=name)
-    fl = submit(app, tmp_path / "fl", deployment.address, insecure=True, timeout=240)
+    fl = submit(app, tmp_path / "fl", deployment.address, insecure=True, timeout=900)
     assert fl["status"] == "completed", fl.get("error")
     sys.path.insert(0, str(app))
     try:
@@ -730,7 +730,7 @@ def test_the_examples_experiment_file_naming_user_code_runs_on_flower(deployment
     sets = ["federation.rounds=2", "federation.clients=3", "task.dataset_options={data='digits',samples=300}", "algorithm.name=mapa", "algorithm.k=256"]
     cfg = load_config(EXAMPLES / "own_model.toml", sets)
     sim = run_experiment(cfg, tmp_path / "sim")
-    fl = run_flower(cfg, tmp_path / "fl", superlink=deployment.address, insecure=True, timeout=240)
+    fl = run_flower(cfg, tmp_path / "fl", superlink=deployment.address, insecure=True, timeout=900)
     assert fl["status"] == "completed", fl.get("error")
     assert fl["model"] == "own_model:TinyResNet" and fl["dataset"] == "own_model:load_clients" and fl["loss"] == "own_model:smooth_ce"
     a, b = torch.load(tmp_path / "fl" / "model.pt"), torch.load(tmp_path / "sim" / "model.pt")
