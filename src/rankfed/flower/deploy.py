@@ -26,7 +26,7 @@ from pathlib import Path
 
 import tomli_w
 
-__all__ = ["LocalDeployment", "submit", "write_app", "FlowerRunError", "flower_env", "complete_lines"]
+__all__ = ["LocalDeployment", "submit", "write_app", "FlowerRunError", "flower_env", "complete_lines", "forward_metrics"]
 
 # the Flower App of experiment files (rankfed.app.flower)
 TOML_APP = ("rankfed.app.flower:server_app", "rankfed.app.flower:client_app")
@@ -222,6 +222,18 @@ def complete_lines(path: Path) -> list[str]:
     return text.split("\n")[:-1]
 
 
+def forward_metrics(metrics_file: Path, seen: int, on_metrics: Callable[[dict], None] | None) -> int:
+    """Pass the complete lines of ``metrics_file`` after the first ``seen`` to ``on_metrics``;
+    how many lines have been passed on now."""
+    if on_metrics is None:
+        return seen
+    lines = complete_lines(metrics_file)
+    for line in lines[seen:]:
+        with contextlib.suppress(json.JSONDecodeError):
+            on_metrics(json.loads(line))
+    return len(lines)
+
+
 def _follow(out: Path, stream: subprocess.Popen, on_metrics: Callable[[dict], None] | None, timeout: float | None, log: Path) -> dict:
     """Wait for ``out/summary.json``, passing each new metrics.jsonl line to ``on_metrics``."""
     seen = 0
@@ -229,12 +241,7 @@ def _follow(out: Path, stream: subprocess.Popen, on_metrics: Callable[[dict], No
     summary_file, metrics_file = out / "summary.json", out / "metrics.jsonl"
     while True:
         finished = summary_file.exists()  # looked at first: the ServerApp writes the summary after the last metrics line
-        if on_metrics is not None:
-            lines = complete_lines(metrics_file)
-            for line in lines[seen:]:
-                with contextlib.suppress(json.JSONDecodeError):
-                    on_metrics(json.loads(line))
-            seen = len(lines)
+        seen = forward_metrics(metrics_file, seen, on_metrics)
         if finished:
             with contextlib.suppress(json.JSONDecodeError):
                 return json.loads(summary_file.read_text(encoding="utf-8"))

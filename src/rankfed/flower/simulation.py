@@ -50,7 +50,7 @@ from pathlib import Path
 
 from rankfed.errors import ConfigError
 
-from .deploy import FlowerRunError, _stop, complete_lines, flower_env, write_app
+from .deploy import FlowerRunError, _stop, flower_env, forward_metrics, write_app
 
 __all__ = ["simulate", "check_client_resources"]
 
@@ -160,12 +160,7 @@ def _follow(out: Path, proc: subprocess.Popen, on_metrics: Callable[[dict], None
     metrics_file = out / "metrics.jsonl"
     while True:
         done = proc.poll() is not None
-        if on_metrics is not None:
-            lines = complete_lines(metrics_file)
-            for line in lines[seen:]:
-                with contextlib.suppress(json.JSONDecodeError):
-                    on_metrics(json.loads(line))
-            seen = len(lines)
+        seen = forward_metrics(metrics_file, seen, on_metrics)
         if done:
             return
         if deadline is not None and time.monotonic() > deadline:

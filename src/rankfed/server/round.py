@@ -265,14 +265,13 @@ class Rounds:
         :class:`CatchUp`): the broadcasts of rounds since+1 .. rnd-1 if they are all kept and,
         with this round's, smaller than the replica; else the replica (the server's state at
         round ``rnd``'s downlink). Call it after :meth:`downlink` of ``rnd``."""
+        size = self.replica_size()
         if since is not None:
             logged = dict(self.broadcast_log)
             missed = [logged[r] for r in range(since + 1, rnd) if r in logged]
-            size = self.replica_size()
             now = len(logged.get(rnd, b""))
             if len(missed) == rnd - 1 - since and (size is None or sum(len(r) for r in missed) + now < size):
                 return CatchUp("replay", missed, since, rnd)
-        size = self.replica_size()
         if size is None:
             raise RuntimeError(f"a client last synced in round {since} cannot catch up in round {rnd}: {type(self.server).__name__} cannot send its replica and the broadcasts it missed are no longer kept")
         return CatchUp("model", [encode(self.server.replica_state())], since, rnd)

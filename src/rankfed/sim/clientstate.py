@@ -58,12 +58,6 @@ class DiskClientStates:
         self._keep(cid, state)
         return state
 
-    def __getitem__(self, cid: int) -> dict:
-        state = self.get(cid)
-        if state is None:
-            raise KeyError(cid)
-        return state
-
     def __setitem__(self, cid: int, state: dict) -> None:
         self._keep(cid, state)
         self._dirty.add(cid)
@@ -73,9 +67,6 @@ class DiskClientStates:
 
     def __len__(self) -> int:
         return len(self.files.keys() | self._cache.keys())
-
-    def keys(self):
-        return sorted(self.files.keys() | self._cache.keys())
 
     @property
     def cached(self) -> int:
