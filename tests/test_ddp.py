@@ -1,5 +1,6 @@
 """The DDP comm hooks on 2 gloo processes (CPU): equivalences with plain all-reduce, and training."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -78,7 +79,10 @@ def test_hook_equals_plain_allreduce(tmp_path, mode):
 def test_error_buffer_is_what_was_not_sent_on_two_processes(tmp_path):
     runs = _grads(tmp_path, "greedylore-r2", steps=5)  # step 0 dense warm-up, 1 and 4 refresh, 2 and 3 greedy
     compressed = [k.split(":", 1)[1] for k in runs[0][-1] if k.startswith("error:")]
-    assert set(compressed) == {"0.weight", "3.weight", "5.weight"}
+    assert set(compressed) == {"0.weight", "3.weight"}  # 5 is the output head: dense by default
+    for step in range(5):  # the head's gradient is the plain mean of the workers'
+        mean = sum(runs[r][step]["local:5.weight"] for r in range(WORLD)) / WORLD
+        torch.testing.assert_close(runs[0][step]["5.weight"], mean, rtol=1e-5, atol=1e-7)
     errors_before = [{n: torch.zeros_like(runs[r][0][n]).reshape(runs[r][0][n].shape[0], -1) for n in compressed} for r in range(WORLD)]
     for step in range(5):
         for n in compressed:
@@ -147,7 +151,8 @@ def test_hook_state_pickles_and_rejects_unknown_compressors():
 
     state = LowRankHookState.for_model(_model(), "powersgd", rank=2)
     again = pickle.loads(pickle.dumps(state))
-    assert again.compressor == "powersgd" and again.options == {"rank": 2} and again._names == {}
+    assert again.compressor == "powersgd" and again.options == state.options and again._names == {}
+    assert state.options == {"rank": 2, "dense_patterns": ["*embed*", "*wte*", "*wpe*", "*lm_head*", "5.weight", "5.bias"]}
     with pytest.raises(ValueError, match="compressor 'topk'"):
         LowRankHookState("topk")
 
@@ -164,17 +169,26 @@ def test_rankfed_ddp_writes_a_run_folder_that_plot_reads(tmp_path):
     cfg = tmp_path / "exp.toml"
     cfg.write_text('[task]\ndataset = "digits"\nmodel = "mlp"\n[client]\nlr = 0.05\nmomentum = 0.9\nbatch_size = 32\n')
     runs = []
-    for comp in ("none", "greedylore", "torch-powersgd"):
+    for comp in ("none", "greedylore", "random", "torch-powersgd"):
         out = tmp_path / comp
         r = _rankfed("-q", "ddp", str(cfg), "--workers", "2", "--compressor", comp, "--rank", "2", "--steps", "30", "--eval-every", "10", "--warmup", "5", "--out", str(out))
         assert r.returncode == 0, r.stderr
         s = json.loads((out / "summary.json").read_text())
         rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-        assert [r["round"] for r in rows] == [10, 20, 30] and s["steps"] == 30 and len(s["mean_step_s_per_worker"]) == 2
+        evaluated = [r for r in rows if "accuracy" in r]
+        assert [r["round"] for r in evaluated] == [10, 20, 30] and s["steps"] == 30 and len(s["mean_step_s_per_worker"]) == 2
         assert rows[-1]["cum_uplink_bytes"] == round(s["mean_bytes_per_step"] * 30)
+        assert s["status"] == "completed" and s["replicas_identical"] and (out / "model.pt").is_file() and not (out / "resume").exists()
+        if comp in ("greedylore", "random"):  # a diagnostics line every step; none in the dense warm-up
+            assert [r["round"] for r in rows] == list(range(1, 31)) and s["dense_matrices"] == ["fc3.weight"]
+            assert all(r["captured_fraction"] is None and r["residual_ratio"] is None for r in rows[:5])
+            assert all(0 < r["captured_fraction"] <= 1 and r["residual_ratio"] >= 0 for r in rows[5:])
+        else:
+            assert rows == evaluated and "captured_fraction" not in rows[0]
         runs.append(s)
-    dense, greedy, torch_psgd = runs
-    assert dense["bytes_vs_dense"] == 1.0 and greedy["bytes_vs_dense"] < 0.6 and torch_psgd["bytes_vs_dense"] < 0.6
+    dense, greedy, rand, torch_psgd = runs
+    assert dense["bytes_vs_dense"] == 1.0 and greedy["bytes_vs_dense"] < 0.6 and rand["bytes_vs_dense"] < 0.6 and torch_psgd["bytes_vs_dense"] < 0.6
+    # the diagnostics lines have no accuracy: plot draws the evaluated ones
     assert main(["-q", "plot", str(tmp_path / "none"), str(tmp_path / "greedylore"), "--out", str(tmp_path / "p.png")]) == 0
     assert (tmp_path / "p.png").stat().st_size > 0
     assert main(["-q", "ddp", str(cfg), "--compressor", "topk", "--out", str(tmp_path / "bad")]) == 2
@@ -189,3 +203,91 @@ def test_rankfed_ddp_stops_a_diverging_run_cleanly(tmp_path):
     s = json.loads((out / "summary.json").read_text())
     assert s["status"] == "diverged" and 1 <= s["diverged_at_step"] <= 40 and s["final_accuracy"] is None
     assert "diverged at step" in r.stderr
+
+
+# -- resume points: a run stopped after N steps and resumed equals the uninterrupted one --------------
+
+TIMING = {"wall_s", "step_s"}
+
+
+def _tiny_model():
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+def _tiny_data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 16, generator=g)
+    y = (x @ torch.randn(16, 4, generator=g)).argmax(1)
+    return (x[:192], y[:192]), (x[192:], y[192:])
+
+
+def _rows(path):
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in path.read_text().splitlines()]
+
+
+def test_adamw_greedylore_run_stopped_and_resumed_equals_the_uninterrupted_one(tmp_path):
+    from rankfed.ddp.runner import DdpOptions, run_ddp
+    from rankfed.local import LocalTraining
+
+    # 96 samples a worker, batch 32: a new data order every 3 steps; refreshes at steps 4, 8, 12; eval and resume points every 5
+    opts = DdpOptions(workers=2, compressor="greedylore", rank=2, warmup=3, update_gap=4, steps=14, eval_every=5, probes=2)
+    local = LocalTraining(optimizer="adamw", lr=0.01, weight_decay=0.01, batch_size=32)
+    whole = run_ddp(_tiny_model, _tiny_data, opts, tmp_path / "whole", local=local, seed=3)
+    assert whole["status"] == "completed" and whole["replicas_identical"] and whole["optimizer"] == "adamw"
+    assert whole["bytes_vs_dense"] < 1 and whole["dense_matrices"] == ["4.weight"]
+    part = run_ddp(_tiny_model, _tiny_data, opts, tmp_path / "part", local=local, seed=3, stop_after=7)
+    assert part["status"] == "stopped" and not (tmp_path / "part" / "summary.json").exists()
+    latest = json.loads((tmp_path / "part" / "resume" / "latest.json").read_text())
+    assert latest["step"] == 7 and sorted(p.name for p in (tmp_path / "part" / "resume").iterdir()) == ["latest.json", "step-00000007"]
+    with pytest.raises(Exception, match="options differ.*rank = 3"):
+        run_ddp(_tiny_model, _tiny_data, DdpOptions(**{**latest["options"], "rank": 3}), tmp_path / "part", local=local, seed=3, resume=True)
+    resumed = run_ddp(_tiny_model, _tiny_data, opts, tmp_path / "part", local=local, seed=3, resume=True)
+    assert resumed["status"] == "completed" and resumed["resumed_from_step"] == 7 and resumed["steps"] == 14
+    a, b = (torch.load(tmp_path / d / "model.pt", weights_only=True) for d in ("whole", "part"))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # bitwise
+    assert _rows(tmp_path / "part" / "metrics.jsonl") == _rows(tmp_path / "whole" / "metrics.jsonl")
+    assert {k: v for k, v in resumed.items() if k in ("mean_bytes_per_step", "best_accuracy", "final_accuracy")} == {
+        k: v for k, v in whole.items() if k in ("mean_bytes_per_step", "best_accuracy", "final_accuracy")
+    }
+    assert not (tmp_path / "part" / "resume").exists()  # finished: nothing left to resume
+
+
+def test_rankfed_ddp_resume_continues_a_stopped_powersgd_run(tmp_path):
+    from rankfed.app.cli import main
+    from rankfed.app.config import load_config
+    from rankfed.app.ddp import run_ddp_config
+    from rankfed.ddp.runner import DdpOptions
+
+    cfg_file = tmp_path / "exp.toml"
+    cfg_file.write_text('[task]\ndataset = "digits"\nmodel = "mlp"\nmodel_options = {hidden = [32]}\n[client]\nlr = 0.05\nmomentum = 0.9\nbatch_size = 32\n')
+    flags = ["--workers", "2", "--compressor", "powersgd", "--rank", "2", "--steps", "12", "--eval-every", "4", "--warmup", "2", "--checkpoint-every", "3"]
+    r = _rankfed("-q", "ddp", str(cfg_file), *flags, "--out", str(tmp_path / "whole"))
+    assert r.returncode == 0, r.stderr
+    opts = DdpOptions(workers=2, compressor="powersgd", rank=2, steps=12, eval_every=4, warmup=2, checkpoint_every=3)
+    part = run_ddp_config(load_config(cfg_file), opts, tmp_path / "part", stop_after=5)
+    assert part["status"] == "stopped"
+    assert main(["-q", "ddp", "--resume", str(tmp_path / "part"), "--rank", "3"]) == 2  # only --steps / --checkpoint-every may change
+    r = _rankfed("-q", "ddp", "--resume", str(tmp_path / "part"))
+    assert r.returncode == 0, r.stderr
+    s = json.loads((tmp_path / "part" / "summary.json").read_text())
+    assert s["resumed_from_step"] == 5 and s["status"] == "completed"
+    a, b = (torch.load(tmp_path / d / "model.pt", weights_only=True) for d in ("whole", "part"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _rows(tmp_path / "part" / "metrics.jsonl") == _rows(tmp_path / "whole" / "metrics.jsonl")
+    assert main(["-q", "ddp", "--resume", str(tmp_path / "part")]) == 2  # finished: nothing to resume
+    assert main(["-q", "ddp", str(cfg_file), "--compressor", "torch-powersgd", "--checkpoint-every", "5", "--out", str(tmp_path / "t")]) == 2
+
+
+def test_rankfed_ddp_resume_refuses_what_it_cannot_continue(tmp_path, capsys):
+    from rankfed.app.cli import main
+    from rankfed.ddp.runner import DdpOptions
+
+    run = tmp_path / "run"
+    run.mkdir()
+    assert main(["-q", "ddp", "--resume", str(run)]) == 2 and "not a run folder" in capsys.readouterr().err
+    (run / "config.toml").write_text("")
+    assert main(["-q", "ddp", "--resume", str(run)]) == 2 and "no resume point" in capsys.readouterr().err
+    (run / "resume").mkdir()
+    (run / "resume" / "latest.json").write_text(json.dumps({"format": 1, "step": 3, "workers": 2, "seed": 0, "options": dataclasses.asdict(DdpOptions())}))
+    assert main(["-q", "ddp", "--resume", str(run)]) == 2 and "started from Python" in capsys.readouterr().err
+    assert main(["-q", "ddp", "--resume", str(run), "--out", str(tmp_path / "x")]) == 2 and "give no CONFIG" in capsys.readouterr().err

@@ -4,9 +4,11 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from rankfed.algorithms import get_algorithm
+from rankfed.errors import ConfigError
 from rankfed.algorithms.fedhm import factor_ranks, svd_factors
 from rankfed.local import LocalTraining
 from rankfed.data import ClientData
@@ -121,3 +123,109 @@ def test_a_base_free_layer_computes_its_factors_and_bias_without_the_dense_produ
     for name in ("down.weight", "up.weight", "base_layer.bias"):
         ga, gb = a.get_parameter(name).grad, b.get_parameter(name).grad
         torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# -- factorization = "code": the FedHM code's (out*kh, in*kw) layout, a 1 x kw conv then a kh x 1 conv
+
+
+def _code_kernel(up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """The dense kernel of a split pair, by hand: U (out*kh, r) @ V (r, in*kw) reshaped back."""
+    out, r, kh, _ = up.shape
+    _, cin, _, kw = down.shape
+    u = up[..., 0].permute(0, 2, 1).reshape(out * kh, r)  # row o*kh + h
+    v = down[:, :, 0, :].reshape(r, cin * kw)  # column i*kw + w
+    return (u @ v).reshape(out, kh, cin, kw).permute(0, 2, 1, 3)
+
+
+@pytest.mark.parametrize(
+    "geometry",
+    [
+        dict(kernel_size=3, padding=1),
+        dict(kernel_size=3, stride=2, padding=1),
+        dict(kernel_size=(3, 5), stride=(2, 1), padding=(1, 2), dilation=(1, 2)),
+        dict(kernel_size=(2, 3), padding=0),
+        dict(kernel_size=3, padding="same"),
+        dict(kernel_size=1, stride=2),
+    ],
+    ids=["3x3", "3x3-s2", "3x5-s21-d12", "2x3-valid", "same", "1x1-s2"],
+)
+def test_the_split_pair_is_the_dense_conv_of_the_reshaped_low_rank_kernel(geometry):
+    from rankfed.lowrank import LoRAConv2dSplit
+
+    torch.manual_seed(0)
+    base = nn.Conv2d(3, 5, bias=False, dtype=torch.float64, **geometry)
+    layer = LoRAConv2dSplit(base, 2, 2.0, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        layer.up.weight.normal_(generator=torch.Generator().manual_seed(2))
+    kh, kw = base.kernel_size
+    assert layer.down.weight.shape == (2, 3, 1, kw) and layer.up.weight.shape == (5, 2, kh, 1)
+    x = torch.randn(2, 3, 9, 11, dtype=torch.float64)
+    kernel = _code_kernel(layer.up.weight.detach(), layer.down.weight.detach())
+    dense = F.conv2d(x, kernel, None, base.stride, base.padding, base.dilation)
+    with torch.no_grad():
+        two_convs = layer.up(layer.down(x))
+        torch.testing.assert_close(two_convs, dense, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(layer.delta_weight(), kernel, rtol=1e-12, atol=1e-12)
+        assert torch.linalg.matrix_rank(kernel.permute(0, 2, 1, 3).reshape(5 * kh, 3 * kw)) == 2
+        layer.make_base_free()  # FedHM's layer: the two convolutions alone (scale 1)
+        torch.testing.assert_close(layer(x), dense, rtol=1e-12, atol=1e-12)
+
+
+def test_code_factors_are_the_truncated_svd_of_the_code_matrix():
+    from rankfed.algorithms.fedhm import _recover
+
+    w = torch.randn(8, 6, 3, 3, dtype=torch.float64)
+    matrix = w.permute(0, 2, 1, 3).reshape(24, 18)
+    down, up = svd_factors(w, 18, "code")  # full rank of the (out*kh, in*kw) matrix: exact
+    assert down.shape == (18, 6, 1, 3) and up.shape == (8, 18, 3, 1)
+    torch.testing.assert_close(_recover(up, down, w.shape, "code"), w)
+    torch.testing.assert_close(_code_kernel(up, down), w)
+    down, up = svd_factors(w, 4, "code")  # Eckart-Young on that matrix
+    err = _recover(up, down, w.shape, "code") - w
+    s = torch.linalg.svdvals(matrix)
+    assert torch.allclose(torch.linalg.matrix_norm(err.permute(0, 2, 1, 3).reshape(24, 18)), s[4:].norm())
+    # a different matrix than "svd" mode's (out, in*kh*kw): another approximation of the kernel
+    d2, u2 = svd_factors(w, 4)
+    assert not torch.allclose(_recover(u2, d2, w.shape), _recover(up, down, w.shape, "code"))
+
+
+def test_code_mode_keeps_the_stem_the_first_block_and_the_shortcuts_full_rank_in_resnet18():
+    from rankfed.models import build_model
+
+    model = build_model("resnet18", (3, 32, 32), 10)
+    code = get_algorithm("fedhm", {"factorization": "code", "rank_factor": 2})
+    assert code.exclude == ["conv1", "layer1.0.*", "*shortcut*"]
+    ranks = factor_ranks(model, code)
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 20
+    assert sorted(ranks) == sorted(n for n in convs if n != "conv1" and not n.startswith("layer1.0.") and "shortcut" not in n)
+    assert len(ranks) == 14 and ranks["layer1.1.conv1"] == 32 and ranks["layer4.1.conv2"] == 256
+    assert sorted(factor_ranks(model, get_algorithm("fedhm", {"rank_factor": 2}))) == sorted(n for n in convs if n != "conv1")  # "svd": all but the stem
+    # an exclude given explicitly is kept; the rank cap is the code matrix's (out*kh, in*kw)
+    assert "layer1.0.conv1" in factor_ranks(model, get_algorithm("fedhm", {"factorization": "code", "exclude": ["conv1", "*shortcut*"]}))
+    tiny = nn.Sequential(nn.Conv2d(1, 8, 3))  # (8*3, 1*3): rank <= 3, where "svd"'s (8, 9) allows 8
+    assert factor_ranks(tiny, get_algorithm("fedhm", {"factorization": "code", "rank": 8, "patterns": ["0"]})) == {"0": 3}
+    assert factor_ranks(tiny, get_algorithm("fedhm", {"rank": 8, "patterns": ["0"]})) == {"0": 8}
+    with pytest.raises(ConfigError, match="algorithm.factorization = 'square'"):
+        get_algorithm("fedhm", {"factorization": "square"})
+
+
+def test_a_code_mode_round_sends_split_factors_and_averages_the_recovered_kernels(monkeypatch):
+    sim, clients = _sim({"rank_factor": 2, "patterns": ["0", "2"], "factorization": "code"})
+    payload = sim.server.configure(1, [0])[0]
+    assert payload["0.down.weight"].shape == (4, 2, 1, 3) and payload["0.up.weight"].shape == (8, 4, 3, 1)
+    replies = []
+    real = type(sim.server).fold
+
+    def spy(self, rnd, cid, upload):
+        replies.append(upload)
+        return real(self, rnd, cid, upload)
+
+    monkeypatch.setattr(type(sim.server), "fold", spy)
+    sim.run_round(1)
+    sizes = torch.tensor([float(p["@num_samples"]) for p in replies])
+    for name in ("0", "2"):
+        kernels = [_code_kernel(p[f"{name}.up.weight"], p[f"{name}.down.weight"]) for p in replies]
+        expect = sum(k * n for k, n in zip(kernels, sizes)) / sizes.sum()
+        torch.testing.assert_close(sim.server.state[f"{name}.weight"], expect, rtol=1e-5, atol=1e-6)
+    sim.run_round(2)

@@ -62,6 +62,8 @@ ALGORITHMS = {
     "fedavg-greedylore": ["algorithm.compressor=greedylore", "algorithm.compress_rank=2", "algorithm.update_gap=2", "federation.participation=1.0"],
     "fedhm-tiers": ["algorithm.name=fedhm", 'algorithm.patterns=["*"]', "algorithm.tiers=[{fraction=0.5,rank=2},{fraction=0.5,rank=4}]", "federation.participation=1.0"],
     "pfedloru": ["algorithm.name=pfedloru", "algorithm.rank=4", "algorithm.tau=1", "algorithm.personal_rank=2", 'algorithm.patterns=["*"]'],
+    # the FedLoRU code's settings: every round merges (momentum), evaluated before the merge on both transports
+    "fedloru-code": ["preset=fedloru-code", "algorithm.name=fedloru", "algorithm.rank=4", "algorithm.tau=1", 'algorithm.patterns=["*"]'],
 }
 
 

@@ -5,7 +5,7 @@ import pickle
 import pytest
 import torch
 
-from rankfed.compress.lowrank import LowRankState, ThreadGroup, dense, greedylore, powersgd
+from rankfed.compress.lowrank import LowRankState, ThreadGroup, _name_seed, _step_seed, dense, greedylore, powersgd, random_basis, random_subspace
 
 SHAPES = {"conv": (16, 8, 3, 3), "fc": (32, 24), "bias": (32,), "small": (4, 3)}
 
@@ -60,7 +60,17 @@ def test_greedylore_at_full_rank_is_the_plain_mean(make):
                 assert e.abs().max() < 1e-9
 
 
-@pytest.mark.parametrize("make", [lambda: greedylore(rank=2, update_gap=3, warmup_steps=1), lambda: powersgd(rank=2)])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: greedylore(rank=2, update_gap=3, warmup_steps=1),
+        lambda: greedylore(rank=2, update_gap=3, probes=3),
+        lambda: powersgd(rank=2),
+        lambda: powersgd(rank=2, warmup_steps=2),
+        lambda: random_subspace(rank=2),
+        lambda: random_subspace(rank=2, warmup_steps=2),
+    ],
+)
 def test_error_buffer_is_what_was_not_sent(make):
     log, states = _run(make, steps=7)
     compressed = [k for k in SHAPES if k in states[0].error]
@@ -115,7 +125,189 @@ def test_bad_arguments_name_the_value():
         greedylore(update_gap=0)
     with pytest.raises(ValueError, match="warmup_steps must be an int >= 0, got -1"):
         greedylore(warmup_steps=-1)
+    with pytest.raises(ValueError, match="probes must be an int >= 1, got 0"):
+        greedylore(probes=0)
+    with pytest.raises(ValueError, match="dense_patterns must be a list"):
+        random_subspace(dense_patterns="fc*")
+    with pytest.raises(ValueError, match="warmup_steps must be an int >= 0"):
+        random_subspace(warmup_steps=-2)
     assert isinstance(powersgd().init(), LowRankState)
+
+
+# -- dense patterns, probes, the random subspace, diagnostics, state dicts -------------------------------
+
+ALL = {"powersgd": powersgd, "greedylore": greedylore, "random": random_subspace}
+
+
+@pytest.mark.parametrize("name", list(ALL))
+def test_dense_patterns_leave_matched_parameters_exactly_the_mean(name):
+    log, states = _run(lambda: ALL[name](rank=2, min_saving=0, dense_patterns=["fc", "sm*"]), steps=4)
+    assert set(states[0].error) == {"conv"}  # fc and small matched: never compressed, no error buffer
+    for step, per_worker in enumerate(log):
+        mean = _plain_mean(step)
+        for _, out, _ in per_worker:
+            for k in ("fc", "small", "bias"):
+                torch.testing.assert_close(out[k], mean[k], rtol=0, atol=0)
+    assert not torch.equal(log[-1][0][1]["conv"], _plain_mean(3)["conv"])  # conv still compressed (step 3 is no refresh)
+    comp = ALL[name](rank=2, dense_patterns=["*.weight"])
+    assert not comp.compressed("layer.weight", (64, 64)) and comp.compressed("layer.w", (64, 64))
+
+
+def _old_greedy_pick(basis, xs, seed, step, name, rank):
+    """GreedyLore's K = 1 scores as rankfed computed them before probes existed (one worker)."""
+    gen = torch.Generator().manual_seed(_name_seed(seed + step, name))
+    z = torch.randn(basis.shape[1], xs.shape[1], generator=gen).to(dtype=xs.dtype)
+    score = ((basis.T @ xs) * z).sum(1)
+    return basis[:, torch.topk(score.square(), rank).indices]
+
+
+def test_probes_count_k_numbers_per_direction_and_one_probe_is_the_old_estimator():
+    sent = {}
+    for k in (1, 3):
+        log, states = _run(lambda k=k: greedylore(rank=2, update_gap=100, probes=k), workers=2, steps=3)
+        sent[k] = states[0].stats.last_sent
+    # fc (32 x 24) has 24 directions, conv (16 x 72) 16: two more probes each
+    assert sent[3] - sent[1] == 2 * (24 + 16)
+    comp = greedylore(rank=2, update_gap=100, min_saving=0, probes=1)
+    g = torch.Generator().manual_seed(3)
+    grads = [torch.randn(12, 30, generator=g, dtype=torch.float64) for _ in range(3)]
+    state, ident = comp.init(), (lambda t: t.clone())
+    comp.reduce({"w": grads[0]}, state, ident, 7)  # refresh
+    for step in (1, 2):
+        x = grads[step] + state.error["w"]
+        p = _old_greedy_pick(state.basis["w"], x, 7, step, "w", 2)
+        out, state = comp.reduce({"w": grads[step]}, state, ident, 7)
+        assert torch.equal(out["w"], p @ (p.T @ x)) and torch.equal(state.error["w"], x - p @ (p.T @ x))
+
+
+def test_random_subspace_each_worker_keeps_exactly_what_it_did_not_send():
+    workers, seed = 3, 5
+    log, states = _run(lambda: random_subspace(rank=3), workers=workers, steps=4, seed=seed)
+    assert set(states[0].error) == {"conv", "fc"}
+    dims = {"conv": (16, 72), "fc": (32, 24)}
+    bases = []
+    for step, per_worker in enumerate(log):
+        for k, (n, m) in dims.items():
+            s = min(n, m)
+            p = random_basis(_step_seed(seed, step, k), s, 3, dtype=torch.float64)  # what every worker drew
+            torch.testing.assert_close(p.T @ p, torch.eye(3, dtype=torch.float64))
+            side = lambda t: t if n <= m else t.T  # noqa: E731
+            r_local = [p.T @ side(before[k]) for before, _, _ in per_worker]
+            for (before, out, err), r in zip(per_worker, r_local):  # each worker's own buffer
+                torch.testing.assert_close(side(before[k]), p @ r + side(err[k]), rtol=1e-12, atol=1e-12)
+                torch.testing.assert_close(p.T @ side(err[k]), torch.zeros_like(r), rtol=0, atol=1e-12)
+                torch.testing.assert_close(side(out[k].reshape(n, m)), p @ (sum(r_local) / workers), rtol=1e-12, atol=1e-12)
+                assert torch.equal(out[k], per_worker[0][1][k])  # identical on every worker
+            bases.append(p)
+    assert not torch.allclose(bases[0], bases[2])  # a new subspace every step
+    # r * max(n, m) numbers per matrix, nothing else; bias and "small" dense
+    assert states[0].stats.last_sent == 3 * 72 + 3 * 32 + 32 + 4 * 3
+
+
+def test_diagnostics_match_a_hand_computation():
+    workers, seed = 2, 1
+    log, states = _run(lambda: random_subspace(rank=2, warmup_steps=1), workers=workers, steps=1, seed=seed)
+    assert states[0].stats.last_captured is None and states[0].stats.last_residual is None  # warm-up: nothing compressed
+    group = ThreadGroup(workers)
+    comps = [random_subspace(rank=2) for _ in range(workers)]
+    sts = [c.init() for c in comps]
+    grads = [_grads(r, 9) for r in range(workers)]
+
+    def work(rank, allreduce):
+        comps[rank].reduce(grads[rank], sts[rank], allreduce, seed)
+        return sts[rank].stats.last_captured, sts[rank].stats.last_residual
+
+    got = group.run(work)
+    for rank in range(workers):
+        cap = x2 = e2 = g2 = 0.0
+        for k, (n, m) in {"conv": (16, 72), "fc": (32, 24)}.items():
+            x = grads[rank][k].reshape(n, -1)
+            xs = x if n <= m else x.T
+            p = random_basis(_step_seed(seed, 0, k), min(n, m), 2, dtype=torch.float64)
+            cap += float((p @ (p.T @ xs)).square().sum())
+            x2 += float(xs.square().sum())
+            e2 += float((xs - p @ (p.T @ xs)).square().sum())
+            g2 += float(x.square().sum())
+        assert got[rank][0] == pytest.approx(cap / x2, rel=1e-9) and got[rank][1] == pytest.approx((e2 / g2) ** 0.5, rel=1e-9)
+    assert got[0] != got[1]  # each worker's own X
+
+
+@pytest.mark.parametrize("name", list(ALL))
+def test_diagnostics_are_fractions_and_a_refresh_captures_everything(name):
+    make = lambda: ALL[name](rank=2, warmup_steps=1, update_gap=3)  # noqa: E731  (update_gap: greedylore only)
+    group = ThreadGroup(2)
+    comps = [make() for _ in range(2)]
+    states = [c.init() for c in comps]
+    for step in range(6):
+        def work(rank, allreduce, step=step):
+            comps[rank].reduce(_grads(rank, step), states[rank], allreduce, 0)
+            st = states[rank].stats
+            return st.last_captured, st.last_residual
+
+        for cap, res in group.run(work):
+            if step == 0:
+                assert cap is None and res is None
+            elif name == "greedylore" and step in (1, 4):  # refreshes: X sent whole, no error left
+                assert cap == 1.0 and res == 0.0
+            else:
+                assert 0.0 < cap < 1.0 and res > 0.0
+
+
+def test_state_dicts_round_trip_and_continue_bitwise():
+    import io
+
+    from rankfed.ddp import LowRankHookState
+
+    group = ThreadGroup(2)
+    for name in ALL:
+        comps = [ALL[name](rank=2, update_gap=5) for _ in range(2)]
+        states = [c.init() for c in comps]
+        for step in range(3):
+            group.run(lambda rank, ar, step=step: comps[rank].reduce(_grads(rank, step), states[rank], ar, 4))
+        buffers = []
+        for st in states:  # through torch.save with weights_only=True: plain tensors, ints and dicts only
+            buf = io.BytesIO()
+            torch.save(st.state_dict(), buf)
+            buf.seek(0)
+            buffers.append(torch.load(buf, weights_only=True))
+        copies = [LowRankState.from_state_dict(d) for d in buffers]
+        assert copies[0].step == 3 and copies[0].stats.steps == 3 and copies[0].stats.last_sent == states[0].stats.last_sent
+        assert copies[0].stats.last_captured == states[0].stats.last_captured
+        assert not torch.equal(copies[0].error["fc"], copies[1].error["fc"])  # every worker its own buffer
+        outs = {}
+        for label, sts in (("orig", states), ("copy", copies)):
+            outs[label] = group.run(lambda rank, ar, sts=sts: comps[rank].reduce(_grads(rank, 3), sts[rank], ar, 4)[0])
+        for a, b in zip(outs["orig"], outs["copy"]):
+            for k in a:
+                assert torch.equal(a[k], b[k])
+        for k in states[0].error:
+            assert torch.equal(states[0].error[k], copies[0].error[k])
+        hook = LowRankHookState(name, {"rank": 2})
+        hook.lowrank = states[1]
+        again = LowRankHookState(name, {"rank": 2})
+        again.load_state_dict(hook.state_dict())
+        assert again.lowrank.step == 4 and all(torch.equal(again.lowrank.error[k], v) for k, v in states[1].error.items())
+        with pytest.raises(ValueError, match="compressor"):
+            LowRankHookState("none").load_state_dict(hook.state_dict())
+
+
+def test_for_model_sends_embeddings_and_the_output_head_dense_by_default():
+    from rankfed.ddp import LowRankHookState, output_head
+    from rankfed.models.text import CharTransformer
+    from rankfed.models.vision import MLP
+
+    lm = CharTransformer((16,), 40, d_model=32, n_heads=2, n_layers=1, ff=64)
+    mlp = MLP((1, 28, 28), 10)
+    assert output_head(lm) == "fc" and output_head(mlp) == "fc3" and output_head(torch.nn.ReLU()) is None
+    for model, dense_names in ((lm, {"embed.weight", "pos_embed.weight", "fc.weight"}), (mlp, {"fc3.weight"})):
+        matrices = {n: p.shape for n, p in model.named_parameters() if p.dim() >= 2}
+        for compressor in ALL:
+            state = LowRankHookState.for_model(model, compressor, rank=2, min_saving=0)
+            assert {n for n, s in matrices.items() if not state._comp.compressed(n, s)} == dense_names
+            everything = LowRankHookState.for_model(model, compressor, rank=2, min_saving=0, dense_patterns=[], dense_head=False)
+            assert all(everything._comp.compressed(n, s) for n, s in matrices.items())
+        only_head = LowRankHookState.for_model(model, "greedylore", rank=2, min_saving=0, dense_patterns=[])
+        assert {n for n, s in matrices.items() if not only_head._comp.compressed(n, s)} == {f"{output_head(model)}.weight"}
 
 
 # -- the uplink forms (one client compresses its update alone) ------------------------------------------
@@ -124,7 +316,7 @@ from rankfed.compress import build_compressor  # noqa: E402
 from rankfed.wire import decode, encode  # noqa: E402
 
 
-@pytest.mark.parametrize("spec", ["powersgd", "greedylore"])
+@pytest.mark.parametrize("spec", ["powersgd", "greedylore", "random"])
 def test_uplink_lowrank_error_feedback_keeps_everything(spec):
     comp = build_compressor(spec, compress_rank=2, update_gap=3)
     g = torch.Generator().manual_seed(0)
@@ -136,7 +328,9 @@ def test_uplink_lowrank_error_feedback_keeps_everything(spec):
         got = comp.decompress(decode(encode(entries)))  # what the server reads
         for k in u:
             sent_total[k] += got[k]
-        if i % 3 != 0 or spec == "powersgd":  # greedylore's every 3rd upload (the first included) is dense
+        if spec == "random":  # R (2 x 30) and the seed the server redraws P from; nothing else for w
+            assert {k for k in entries if k.startswith("w")} == {"w:R", "w:seed", "w:shape"} and entries["w:R"].shape == (2, 30)
+        elif i % 3 != 0 or spec == "powersgd":  # greedylore's every 3rd upload (the first included) is dense
             assert "w:A" in entries and "w" not in entries and entries["w:A"].shape[1] == 2
         torch.testing.assert_close(got["b"], u["b"])  # 1-D: dense
     # everything the client ever had to send = what the server got + what the client still holds

@@ -26,6 +26,8 @@ CASES = {
     "mapa-availability": ["algorithm.name=mapa", "algorithm.k=32", "federation.availability=0.5"],
     "fedloru": ["algorithm.name=fedloru", "algorithm.rank=4", "algorithm.tau=3", 'algorithm.patterns=["*"]'],
     "pfedloru": ["algorithm.name=pfedloru", "algorithm.rank=4", "algorithm.tau=3", "algorithm.personal_rank=2", 'algorithm.patterns=["*"]'],
+    # the FedLoRU code's settings: zero bases, factor dropout (torch's RNG), momentum merges evaluated before merging
+    "fedloru-code": ["preset=fedloru-code", "algorithm.name=fedloru", "algorithm.rank=4", "algorithm.tau=3", 'algorithm.patterns=["*"]'],
 }
 TIMING = {"wall_s", "round_s", "eval_s"}
 

@@ -177,11 +177,12 @@ def _bn_model():
     )
 
 
-def _bn_simulator(algorithm: str, execution: str, **options):
+def _bn_simulator(algorithm: str, execution: str, batch_stats: bool = False, **options):
     from conftest import make_sim
 
     from rankfed.algorithms import get_algorithm
     from rankfed.local import ClientData, LocalTraining
+    from rankfed.models import batch_stats_only
 
     g = torch.Generator().manual_seed(1)
     clients = []
@@ -190,7 +191,10 @@ def _bn_simulator(algorithm: str, execution: str, **options):
         clients.append(ClientData(x=x, y=y, val_x=x[:0], val_y=y[:0]))
     test = (torch.randn(30, 1, 4, 4, generator=g), torch.randint(0, 3, (30,), generator=g))
     cfg = LocalTraining(optimizer="sgd", lr=0.1, momentum=0.9, batch_size=8, epochs=2)
-    return make_sim(get_algorithm(algorithm, options), _bn_model(), clients, test, cfg, rounds=2, per_round=3, execution=execution)
+    model = _bn_model()
+    if batch_stats:  # task.batchnorm = "batch": no running statistics, batch statistics always
+        batch_stats_only(model)
+    return make_sim(get_algorithm(algorithm, options), model, clients, test, cfg, rounds=2, per_round=3, execution=execution)
 
 
 @pytest.mark.parametrize("algorithm,options", [("fedavg", {}), ("mapa", {"k": 16}), ("fedlora", {"rank": 2, "patterns": ["*"], "exclude": []})])
@@ -201,6 +205,18 @@ def test_batchnorm_cohorts_equal_sequential(algorithm, options):
     assert sims["vectorized"].cohort_rounds == 2
     a, b = (sims[m].server.global_model_state() for m in ("sequential", "vectorized"))
     assert any("running_var" in k for k in a)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-4, msg=k)
+
+
+@pytest.mark.parametrize("algorithm,options", [("fedavg", {}), ("fedloru", {"rank": 2, "tau": 1, "patterns": ["*"], "exclude": [], "base_init": "zero"})])
+def test_batch_statistics_cohorts_leave_the_padding_out_as_sequential_training_does(algorithm, options):
+    sims = {mode: _bn_simulator(algorithm, mode, batch_stats=True, **options) for mode in ("sequential", "vectorized")}
+    for sim in sims.values():
+        sim.run()
+    assert sims["vectorized"].cohort_rounds == 2
+    a, b = (sims[m].server.global_model_state() for m in ("sequential", "vectorized"))
+    assert not any("running" in k for k in a)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-4, msg=k)
 

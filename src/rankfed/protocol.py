@@ -253,6 +253,14 @@ class ServerHalf(ABC):
     def global_model_state(self) -> dict[str, torch.Tensor]:
         """The current global model as a state dict of the user's model (for evaluation and saving)."""
 
+    def evaluation_state(self) -> dict[str, torch.Tensor] | None:
+        """What the round just folded in should be evaluated as, when that is not the global
+        model (None, the default: :meth:`global_model_state`). FedLoRU's ``eval_before_merge``
+        gives the model before that round's merge. Read by the transport right after the
+        round is folded in (:meth:`rankfed.server.Rounds.evaluation_state`); the global model
+        kept, checkpointed and saved stays :meth:`global_model_state`."""
+        return None
+
     def replica_state(self) -> Payload:
         """Stateful clients: what an up-to-date client's replica holds now (every entry of
         :meth:`ClientHalf.init_replica`), sent to a client that missed more broadcasts than

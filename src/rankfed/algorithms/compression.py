@@ -1,8 +1,8 @@
 """Uplink compression options shared by the algorithms that accept a compressor.
 
 ``compressor`` is either the experiment file's spelling, names of :mod:`rankfed.compress`
-transformations joined by "+" (``"topk"``, ``"qsgd"``, ``"topk+qsgd"``; or ``"powersgd"`` /
-``"greedylore"`` alone) with the keys below, or a :class:`~rankfed.compress.Compressor`
+transformations joined by "+" (``"topk"``, ``"qsgd"``, ``"topk+qsgd"``; or ``"powersgd"``,
+``"greedylore"`` or ``"random"`` alone) with the keys below, or a :class:`~rankfed.compress.Compressor`
 object (``rf.compress.chain(rf.compress.topk(0.01), rf.compress.qsgd(8))``). An object an
 experiment file can say is turned into that spelling, so both describe the run alike; any
 other object (a compressor of your own) is used as it is. The client compresses the tensors
@@ -39,11 +39,11 @@ def describe_bytes(n: int) -> str:
 
 @dataclass
 class CompressionOptions:
-    compressor: str | Compressor = ""  # "" (none), names joined by "+" ("topk+qsgd"), "powersgd", "greedylore", or a Compressor
+    compressor: str | Compressor = ""  # "" (none), names joined by "+" ("topk+qsgd"), "powersgd", "greedylore", "random", or a Compressor
     topk_ratio: float = 0.01  # fraction of each tensor's entries top-k keeps
     qsgd_bits: int = 8  # bits per quantised entry: 2, 4 or 8
-    error_feedback: bool = False  # keep what was not sent on the client, add it next time (always on for powersgd/greedylore)
-    compress_rank: int = 4  # powersgd / greedylore: rank of each compressed matrix
+    error_feedback: bool = False  # keep what was not sent on the client, add it next time (always on for powersgd/greedylore/random)
+    compress_rank: int = 4  # powersgd / greedylore / random: rank of each compressed matrix
     update_gap: int = 10  # greedylore: every update_gap-th upload of a client is dense and refreshes its basis
 
     def __post_init__(self) -> None:

@@ -123,8 +123,8 @@ class FedAvg(CompressionOptions, Algorithm):
     Args:
         compressor: an uplink compressor: ``""`` (none), ``"topk"``, ``"qsgd"``, a chain
             ``"topk+qsgd"`` (with ``topk_ratio``, ``qsgd_bits``, ``error_feedback``),
-            ``"powersgd"`` / ``"greedylore"`` (``compress_rank``, ``update_gap``; their own
-            error feedback), or a :class:`rankfed.compress.Compressor` object.
+            ``"powersgd"`` / ``"greedylore"`` / ``"random"`` (``compress_rank``, ``update_gap``;
+            their own error feedback), or a :class:`rankfed.compress.Compressor` object.
     """
 
     name = "fedavg"

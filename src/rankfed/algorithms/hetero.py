@@ -102,7 +102,7 @@ class MFedLoruServer(LoraServer):
     """FedLoRU's server; each reply's nested factors are recovered into A^(k), B^(k) first."""
 
     def __init__(self, wrapped: nn.Module, options: MFedLoRU, num_clients: int, run_seed: int):
-        super().__init__(wrapped, UplinkCodec(options), run_seed, options.tau, options.reinit)
+        super().__init__(wrapped, UplinkCodec(options), run_seed, **options._merge_options())
         self.options = options
         self.tier_of = tier_of_clients(options.tiers, num_clients)
 
@@ -187,7 +187,9 @@ class MFedLoRU(FedLoRU):
             a tier with nested ranks r_A, r_B trains A + s_A A_d A_u and B + s_B B_d B_u; rank 0
             trains that factor directly (FedLoRU).
         nested_alpha: nested scale s_A = nested_alpha / r_A (likewise B); 0: scale 1.
-        rank, alpha, patterns, exclude, train_bias, tau, reinit: as :class:`FedLoRU` (no compressor).
+        rank, alpha, patterns, exclude, train_bias, scale, factor_dropout, base_init, tau,
+            merge_rounds, reinit, eval_before_merge: as :class:`FedLoRU` (no compressor; the
+            nested scale stays nested_alpha / r_A whatever ``scale`` says).
     """
 
     name = "mfedloru"

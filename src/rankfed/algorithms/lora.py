@@ -15,10 +15,41 @@ same and every ``tau`` rounds the server and the clients merge
 (``random``: down Kaiming-uniform from a seed both sides derive, up zero; or
 ``momentum``: keep them), so the global model's rank grows with each merge.
 
+Options that make the FedLoRU authors' released code (``haemPark/fedloru_official``) a
+setting, the paper's text staying the default (``preset = "fedloru-code"`` in an experiment
+file sets them all but ``scale``, with ``task.batchnorm = "batch"`` and the code's weight
+decay and gradient clipping: :data:`rankfed.app.config.PRESETS`):
+
+* ``base_init = "zero"`` (default ``"model"``): every factorised layer's frozen base weight
+  starts at zero and both factors are drawn Kaiming-uniform (``down`` from the run's factor
+  seed as always, ``up`` from a second seed of the run), so the model starts as a pure
+  rank-r network and is the sum of the merged updates and the live pair (the code's
+  ``keep_original_weights=False``). A factorised layer's bias stays the model's (the code
+  zeroes it too; its convolutions have none). Every party builds the same zero base and the
+  same factors from the seed, so nothing more travels.
+* ``factor_dropout = p`` (default 0): dropout between ``down`` and ``up``, train mode only.
+* ``scale = "alpha/sqrt(r)"`` (default ``"alpha/r"``, the paper's and the code's): rsLoRA's
+  update scale, so one learning rate serves every rank (needs ``alpha > 0``).
+* FedLoRU: ``merge_rounds = [...]`` (an explicit schedule, instead of every ``tau`` rounds,
+  as the code's ``--accumulate`` lists) and ``eval_before_merge = true`` (the round's
+  evaluation is of the model before that round's merge, as the code evaluates and then
+  merges).
+
+``reinit = "momentum"`` keeps the factors after a merge, so the merged update is in the base
+*and* still in the live pair: the model jumps from W + d to W + 2 d at every merge (d the
+scaled product of the factors then). The authors' code does exactly this (``merge()`` adds
+d into the weight and leaves the factor path on), and so does rankfed; a merge that kept the
+function while keeping the factors would leave the base unchanged, i.e. be no merge.
+After T rounds the model is W_0 + d_{t1} + ... + d_{tm} + d_T (merges at t1..tm, each d the
+factors' product at that round, which already holds the earlier ones' progress). With
+``eval_before_merge`` the jump is never what a merge round reports.
+
 A model under PEFT adapters (``peft.get_peft_model``) keeps PEFT's LoRA layers: its
-``LoraConfig`` chooses the layers, rank and scale; the active adapter's ``lora_A`` / ``lora_B``
+``LoraConfig`` chooses the layers, rank and scale (``use_rslora``) and dropout
+(``lora_dropout``); the active adapter's ``lora_A`` / ``lora_B``
 are the factors, merged with PEFT's merge (:mod:`rankfed.lowrank.peft_lora`); the global
 model is the PeftModel's own state dict (``save_pretrained`` writes the adapter folder).
+``base_init = "zero"`` is refused there (a pretrained base is the point of adapters).
 
 Base weights and the initial factors are rebuilt from the run's seed by every
 party, so the global state is the trained tensors: that is the downlink of a
@@ -47,8 +78,8 @@ from rankfed.algorithms.base import Algorithm, register
 from rankfed.algorithms.compression import CompressionOptions, UplinkCodec, describe_bytes
 from rankfed.compress import low_rank_pays
 from rankfed.errors import ConfigError
-from rankfed.local import TrainStats
-from rankfed.lowrank import apply_lora, dense_state_dict, lora_layers, merge_all
+from rankfed.local import TrainStats, has_dropout
+from rankfed.lowrank import SCALES, apply_lora, dense_state_dict, lora_layers, merge_all
 from rankfed.lowrank.peft_lora import active_adapter, is_peft_model, merge_adapter, peft_config_of, peft_lora_layers
 from rankfed.protocol import ClientContext, ClientHalf, RoundSums, RunContext, ServerHalf, client_uplink, derive_seed, shared_state
 from rankfed.wire import Payload
@@ -68,6 +99,8 @@ class LoraOptions(CompressionOptions):
     # paper's 4.59M/3.44M/2.30M communicated parameters (Table 1).
     exclude: list = field(default_factory=lambda: ["conv1"])
     train_bias: bool = True  # biases of factorised layers train (and are sent)
+    scale: str = "alpha/r"  # the update scale: "alpha/r" (LoRA, the paper) or "alpha/sqrt(r)" (rsLoRA)
+    factor_dropout: float = 0.0  # dropout between down and up (train mode only), the FedLoRU code's 0.1
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -75,6 +108,15 @@ class LoraOptions(CompressionOptions):
             raise ConfigError(f"algorithm.rank = {self.rank}: must be >= 1")
         if not 0 <= self.alpha < math.inf:
             raise ConfigError(f"algorithm.alpha = {self.alpha}: must be >= 0 and finite (0 = rank)")
+        if self.scale not in SCALES:
+            raise ConfigError(f"algorithm.scale = {self.scale!r}: must be one of {', '.join(SCALES)}")
+        if self.scale == "alpha/sqrt(r)" and not self.alpha:
+            raise ConfigError(
+                "algorithm.scale = 'alpha/sqrt(r)': give algorithm.alpha > 0 (alpha = 0 means alpha = rank, "
+                "which makes the scale sqrt(rank) and grow with the rank)"
+            )
+        if not 0 <= self.factor_dropout < 1:
+            raise ConfigError(f"algorithm.factor_dropout = {self.factor_dropout}: must be in [0, 1)")
         for key in ("patterns", "exclude"):
             value = getattr(self, key)
             if not all(isinstance(p, str) for p in value):
@@ -85,6 +127,10 @@ class LoraOptions(CompressionOptions):
 
 def _factor_seed(run_seed: int) -> int:
     return derive_seed(run_seed, 0x4641)
+
+
+def _zero_base_seed(run_seed: int) -> int:
+    return derive_seed(run_seed, 0x5A45524F)
 
 
 def _merge_seed(run_seed: int, rnd: int) -> int:
@@ -127,8 +173,24 @@ _PEFT_CHOSEN = ("rank", "alpha", "patterns", "exclude")
 
 def _peft_copy(model: nn.Module, opts: LoraOptions, freeze_down: bool) -> nn.Module:
     """A copy of a PEFT model with its own adapters as the factors: the LoraConfig chooses the
-    layers, rank and scale, so an option of rankfed's own layers that says otherwise is an error."""
+    layers, rank, scale and dropout, so an option of rankfed's own layers that says otherwise
+    is an error."""
     config = peft_config_of(model)
+    if getattr(opts, "base_init", "model") != "model":
+        raise ConfigError(
+            f"algorithm.base_init = {opts.base_init!r}: the model is under PEFT adapters, whose base is the pretrained model; "
+            "base_init = 'zero' is for rankfed's own layers (pass the plain model)"
+        )
+    if opts.scale != "alpha/r" and not getattr(config, "use_rslora", False):
+        raise ConfigError(
+            f"algorithm.scale = {opts.scale!r}: the model is under PEFT adapters, whose LoraConfig chooses the scale; "
+            "set use_rslora = true in its LoraConfig (task.adapters) instead"
+        )
+    if opts.factor_dropout and opts.factor_dropout != getattr(config, "lora_dropout", None):
+        raise ConfigError(
+            f"algorithm.factor_dropout = {opts.factor_dropout}: the model is under PEFT adapters, whose LoraConfig chooses the dropout "
+            f"(lora_dropout = {getattr(config, 'lora_dropout', '?')}, applied to the adapter's input); set lora_dropout there instead"
+        )
     defaults = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default) for f in dataclasses.fields(opts)}
     for key in _PEFT_CHOSEN:
         value = getattr(opts, key)
@@ -156,8 +218,9 @@ def _peft_copy(model: nn.Module, opts: LoraOptions, freeze_down: bool) -> nn.Mod
 
 def build_lora_model(model: nn.Module, opts: LoraOptions, run_seed: int, freeze_down: bool) -> nn.Module:
     """A wrapped copy of the seeded initial ``model``; the factors' random draws come from
-    the run's seed, so the server and every client build the same one. A PEFT model keeps
-    its own adapters (every party copies the same ones)."""
+    the run's seed, so the server and every client build the same one (``base_init =
+    "zero"``: the bases zeroed and ``up`` drawn too, from a second seed of the run, in module
+    order). A PEFT model keeps its own adapters (every party copies the same ones)."""
     if is_peft_model(model):
         return _peft_copy(model, opts, freeze_down)
     wrapped = copy.deepcopy(model)
@@ -172,11 +235,17 @@ def build_lora_model(model: nn.Module, opts: LoraOptions, run_seed: int, freeze_
             freeze_down=freeze_down,
             train_bias=opts.train_bias,
             generator=gen,
+            scale=opts.scale,
+            dropout=opts.factor_dropout,
         )
     except ValueError as e:
         raise ConfigError(f"algorithm.rank = {opts.rank}, patterns = {opts.patterns}: {e}") from None
     except (RuntimeError, MemoryError) as e:  # a rank so large the factors cannot be allocated
         raise ConfigError(f"algorithm.rank = {opts.rank}: the rank-{opts.rank} factors cannot be built ({type(e).__name__}: {e})") from None
+    if getattr(opts, "base_init", "model") == "zero":
+        zero_gen = torch.Generator().manual_seed(_zero_base_seed(run_seed))
+        for layer in lora_layers(wrapped).values():  # module order: the same draws on every party
+            layer.zero_base(zero_gen)
     # Factor init is drawn on the CPU generator; move the new modules next to the base.
     return wrapped.to(next(model.parameters()).device)
 
@@ -203,21 +272,42 @@ def warn_large_factors(wrapped: nn.Module, option: str = "algorithm.rank") -> No
 
 
 class LoraServer(ServerHalf):
-    def __init__(self, wrapped: nn.Module, codec: UplinkCodec, run_seed: int = 0, tau: int = 0, reinit: str = "random"):
+    """The LoRA family's server: averages every trained tensor (A and B separately) and, on
+    the merge rounds (every ``tau``-th, or those of ``merge_rounds``), merges the factors into
+    the bases. ``eval_before_merge``: a merge round's evaluation is of the model before the
+    merge (:meth:`evaluation_state`)."""
+
+    def __init__(self, wrapped: nn.Module, codec: UplinkCodec, run_seed: int = 0, tau: int = 0, reinit: str = "random", merge_rounds: Sequence[int] = (), eval_before_merge: bool = False):
         self.model, self.codec = wrapped, codec
         self.run_seed, self.tau, self.reinit = run_seed, tau, reinit
+        self.merge_rounds = frozenset(int(r) for r in merge_rounds)
+        self.eval_before_merge = eval_before_merge
         self.shared = shared_state(wrapped)
         self.base = _base_weights(wrapped)
         self.merges = 0
         self.last_update: Payload = {}
+        self._pre_merge: dict[str, torch.Tensor] | None = None
+
+    def merge_due(self, rnd: int) -> bool:
+        """Whether round ``rnd`` ends with a merge: listed in ``merge_rounds``, or a multiple of ``tau``."""
+        if self.merge_rounds:
+            return rnd in self.merge_rounds
+        return bool(self.tau) and rnd % self.tau == 0
+
+    def evaluation_state(self) -> dict[str, torch.Tensor] | None:
+        """With ``eval_before_merge``, after a merge round: the global model just before the
+        merge; else None (the round's evaluation is of :meth:`global_model_state`)."""
+        return self._pre_merge
 
     def configure(self, rnd: int, client_ids: Sequence[int]) -> dict[int, Payload]:
+        self._pre_merge = None  # the last round's evaluation is over
         payload: Payload = {"@round": rnd, **{k: v.detach() for k, v in self.shared.items()}}
         if self.merges:  # the base moved: a client without memory must download it
             payload.update({k: v.detach() for k, v in self.base.items()})
         return {cid: payload for cid in client_ids}
 
     def broadcast(self, rnd: int) -> Payload:
+        self._pre_merge = None  # the last round's evaluation is over
         return {"@round": rnd, **self.last_update}
 
     def fold(self, rnd: int, cid: int, payload: Payload) -> dict[str, torch.Tensor]:
@@ -225,11 +315,14 @@ class LoraServer(ServerHalf):
 
     def finish(self, rnd: int, sums: RoundSums) -> dict[str, float]:
         self.last_update = {}
+        self._pre_merge = None
         if not sums.count:
             return {"clients": 0}
         # A and B (and everything else trained) are averaged separately, as the paper does.
         self.last_update = add_means_(self.shared, sums)
-        if self.tau and rnd % self.tau == 0:
+        if self.merge_due(rnd):
+            if self.eval_before_merge:
+                self._pre_merge = global_state(self.model)
             seed = _merge_seed(self.run_seed, rnd)
             _merge(self.model, self.reinit, seed)
             self.merges += 1
@@ -294,6 +387,8 @@ class LoraClient(ClientHalf):
         start; the frozen base is passed once to all clients."""
         if type(self).fit is not LoraClient.fit:  # a subclass that trains differently (pFedLoRU, mFedLoRU)
             return None
+        if has_dropout(self.model):  # factor_dropout: its masks would differ under vmap
+            return None
         model, trainer = self.model, ctxs[0].trainer
         starts = [ctx.replica if ctx.replica is not None else p for p, ctx in zip(payloads, ctxs)]
         if any(s is not starts[0] for s in starts):
@@ -312,24 +407,41 @@ class LoraClient(ClientHalf):
         return out
 
 
+BASE_INITS = ("model", "zero")
+
+
+@dataclass
 class _LoraFamily(LoraOptions, Algorithm):
     freeze_down = False  # a class attribute (no annotation): not an option
 
-    def _tau_reinit(self) -> tuple[int, str]:
-        return getattr(self, "tau", 0), getattr(self, "reinit", "random")
+    # "model": the factorised layers' frozen bases are the seeded model's (the paper);
+    # "zero": zero, with both factors drawn (the FedLoRU code's keep_original_weights=False)
+    base_init: str = "model"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.base_init not in BASE_INITS:
+            raise ConfigError(f"algorithm.base_init = {self.base_init!r}: must be one of {', '.join(BASE_INITS)}")
+
+    def _merge_options(self) -> dict:
+        """The server's merge schedule and re-initialisation (none without ``tau``)."""
+        return {
+            "tau": getattr(self, "tau", 0),
+            "reinit": getattr(self, "reinit", "random"),
+            "merge_rounds": tuple(getattr(self, "merge_rounds", ())),
+            "eval_before_merge": getattr(self, "eval_before_merge", False),
+        }
 
     def make_server(self, model: nn.Module, ctx: RunContext) -> ServerHalf:
-        tau, reinit = self._tau_reinit()
         wrapped = build_lora_model(model, self, ctx.seed, freeze_down=self.freeze_down)
         warn_large_factors(wrapped)
         codec = UplinkCodec(self)
         codec.warn_dense(shared_state(wrapped))
-        return LoraServer(wrapped, codec, ctx.seed, tau, reinit)
+        return LoraServer(wrapped, codec, ctx.seed, **self._merge_options())
 
     def make_client(self, model: nn.Module, ctx: RunContext) -> ClientHalf:
-        _, reinit = self._tau_reinit()
         wrapped = build_lora_model(model, self, ctx.seed, freeze_down=self.freeze_down)
-        return LoraClient(wrapped, UplinkCodec(self), reinit)
+        return LoraClient(wrapped, UplinkCodec(self), self._merge_options()["reinit"])
 
 
 _LORA_ARGS = """
@@ -340,6 +452,12 @@ _LORA_ARGS = """
         patterns, exclude: fnmatch globs on module names choosing the nn.Linear / nn.Conv2d
             layers that get factors; every other trainable tensor trains and travels in full.
         train_bias: the biases of factorised layers train (and travel).
+        scale: ``"alpha/r"`` (the paper's) or ``"alpha/sqrt(r)"`` (rsLoRA; needs alpha > 0).
+        factor_dropout: dropout probability between down and up, train mode only (the FedLoRU
+            code's 0.1; a model with it trains client by client, not as a vectorised cohort).
+        base_init: ``"model"`` (the factorised layers' frozen bases are the seeded model's) or
+            ``"zero"`` (bases zero, both factors Kaiming-uniform from the run's seed: the FedLoRU
+            code's start, a pure rank-r network; biases stay the model's).
         compressor, ...: an uplink compressor applied to what travels (see :class:`FedAvg`).
 """
 
@@ -375,8 +493,13 @@ class FedLoRU(FedLoRA):
     __doc__ = """FedLoRU (Park & Klabjan, Algorithm 1): FedLoRA plus a merge of the factors into
     the base every ``tau`` rounds, so the global model's rank grows with each merge.
     """ + _LORA_ARGS + """        tau: merge every tau rounds (>= 1).
+        merge_rounds: merge after exactly these rounds instead (the FedLoRU code's
+            ``--accumulate`` list); replaces ``tau``: leave tau unset (it becomes 0).
         reinit: after a merge, ``"random"`` (down Kaiming-uniform, up zero) or ``"momentum"``
-            (keep both factors, after ReLoRA).
+            (keep both factors: the model jumps from W + d to W + 2 d at each merge, as in
+            the FedLoRU code; see the module docstring).
+        eval_before_merge: a merge round's evaluation is of the model before its merge (the
+            FedLoRU code evaluates, then merges); the model kept and saved is the merged one.
 """
 
     name = "fedloru"
@@ -384,10 +507,23 @@ class FedLoRU(FedLoRA):
 
     tau: int = 10
     reinit: str = "random"
+    merge_rounds: list = field(default_factory=list)  # [r1, r2, ...]: merge after these rounds (instead of tau)
+    eval_before_merge: bool = False  # evaluate a merge round's model before the merge
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.tau < 1:
-            raise ConfigError(f"algorithm.tau = {self.tau}: must be >= 1 (fedlora is FedLoRU without merges)")
+        if self.merge_rounds:
+            rounds = self.merge_rounds
+            if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in rounds) or len(set(rounds)) != len(rounds):
+                raise ConfigError(f"algorithm.merge_rounds = {rounds!r}: must be a list of distinct round numbers >= 1")
+            if self.tau not in (0, 10):  # 10: the default, left unset (a dataclass cannot tell it was given)
+                raise ConfigError(
+                    f"algorithm.tau = {self.tau} and algorithm.merge_rounds = {rounds!r}: give one merge schedule, not both "
+                    "(every tau rounds, or after the listed rounds)"
+                )
+            self.merge_rounds = sorted(rounds)
+            self.tau = 0  # the schedule is merge_rounds (and a resolved config reads back the same)
+        elif self.tau < 1:
+            raise ConfigError(f"algorithm.tau = {self.tau}: must be >= 1 (fedlora is FedLoRU without merges; or give merge_rounds)")
         if self.reinit not in ("random", "momentum"):
             raise ConfigError(f"algorithm.reinit = {self.reinit!r}: must be one of random, momentum")

@@ -169,7 +169,9 @@ class PFedLoRU(FedLoRU):
         personal_rank: rank of each client's personal pair L, U.
         personal_alpha: the personal scale is personal_alpha / personal_rank (0: = personal_rank).
         personal_epochs: epochs on L, U (A, B frozen) before the round's epochs on A, B.
-        rank, alpha, patterns, exclude, train_bias, tau, reinit, compressor: as :class:`FedLoRU`.
+        rank, alpha, patterns, exclude, train_bias, scale, factor_dropout, base_init, tau,
+            merge_rounds, reinit, eval_before_merge, compressor: as :class:`FedLoRU` (``scale``
+            applies to the personal pair too; its dropout does not).
     """
 
     name = "pfedloru"
@@ -190,7 +192,7 @@ class PFedLoRU(FedLoRU):
     def make_server(self, model: nn.Module, ctx: RunContext) -> ServerHalf:
         wrapped = build_lora_model(model, self, ctx.seed, freeze_down=False)
         warn_large_factors(wrapped)
-        return LoraServer(wrapped, UplinkCodec(self), ctx.seed, self.tau, self.reinit)
+        return LoraServer(wrapped, UplinkCodec(self), ctx.seed, **self._merge_options())
 
     def make_client(self, model: nn.Module, ctx: RunContext) -> ClientHalf:
         o = self
@@ -217,7 +219,8 @@ class PFedLoRA(LoraOptions, Algorithm):
     client keeps a personal low-rank pair on the selected layers.
 
     Args:
-        rank, alpha, patterns, exclude: the personal pair's (as :class:`FedLoRA`'s factors).
+        rank, alpha, patterns, exclude, scale, factor_dropout: the personal pair's (as
+            :class:`FedLoRA`'s factors; there is no ``base_init``: W itself is shared and trains).
         variant: 1: personal epochs, then the round's epochs on the shared model; 2: both
             together for personal_epochs + the round's epochs (the paper's modified version).
         personal_epochs: E_per.

@@ -5,7 +5,8 @@
     rankfed compare CONFIG.toml --algorithms fedavg,... [--out DIR]
     rankfed demo [--out DIR]
     rankfed plot DIR [DIR ...] [--out FILE.png]
-    rankfed ddp CONFIG.toml --workers N --compressor greedylore [--rank R]
+    rankfed ddp CONFIG.toml --workers N --compressor greedylore [--rank R] [--warmup W] [--update-gap G]
+    rankfed ddp --resume RUN_DIR [--steps N]
     rankfed flower run CONFIG.toml --supernodes N   (or --superlink HOST:PORT)
     rankfed flower run --resume RUN_DIR --supernodes N
     rankfed flower simulate CONFIG.toml --supernodes N --num-cpus C --num-gpus G [--ray-address HEAD:6379]
@@ -306,16 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--algorithms", required=True, help="comma-separated algorithm names or [algorithms.<label>] variants, e.g. fedavg,mapa")
     sp = sub.add_parser("demo", help="the embedded demo: six algorithms on digits, no download, about 15 s")
     common(sp, config=False)
-    sp = sub.add_parser("ddp", help="data-parallel training on N worker processes with a gradient compressor")
-    common(sp)
-    sp.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
-    sp.add_argument("--compressor", default="none", help="none | powersgd | torch-powersgd | greedylore")
-    sp.add_argument("--rank", type=int, default=4, help="low-rank compressors: rank (default 4)")
-    sp.add_argument("--update-gap", type=int, default=100, help="greedylore: steps between subspace refreshes (default 100)")
-    sp.add_argument("--warmup", type=int, default=10, help="dense steps first (default 10)")
-    sp.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
-    sp.add_argument("--eval-every", type=int, default=50, help="evaluate every n steps (default 50)")
-    sp.add_argument("--backend", default="gloo", help="gloo (CPU, default) | nccl (one GPU per worker)")
+    _ddp_parser(sub, common)
     sp = sub.add_parser("flower", help="run on a Flower deployment (local SuperLink + SuperNodes, or a running federation)")
     fsub = sp.add_subparsers(dest="flower_command", required=True)
     fp = fsub.add_parser("run", help="run an experiment through Flower; writes the same run folder as `rankfed run`")
@@ -368,6 +360,85 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# rankfed ddp's flags, by DdpOptions field; None = not given (DdpOptions' default, or the resumed run's)
+_DDP_FLAGS = ("workers", "compressor", "rank", "update_gap", "warmup", "steps", "eval_every", "backend", "probes", "dense_patterns", "dense_head", "diagnostics_every", "checkpoint_every")
+_DDP_RESUME_FLAGS = ("steps", "checkpoint_every")  # what a resumed run may change
+
+
+def _ddp_parser(sub, common) -> None:
+    from rankfed.ddp.runner import DDP_COMPRESSORS, DdpOptions
+
+    d = DdpOptions()
+    sp = sub.add_parser(
+        "ddp",
+        help="data-parallel training on N worker processes with a gradient compressor",
+        description=(
+            "Data-parallel training of the experiment's task and model on N worker processes; the [client] table gives the "
+            "optimiser (sgd, with momentum, or adamw), lr and batch size per worker. The defaults follow GreedyLore's experiments "
+            "in order of magnitude (dense warm-ups of 500-4000 steps, a subspace refresh every 200-1200 steps, ranks 8-64); "
+            "embeddings and the output head are all-reduced dense, as the authors' code does."
+        ),
+    )
+    common(sp, optional_config=True)
+    sp.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted ddp run from its last resume point (no CONFIG; only --steps and --checkpoint-every may change)")
+    sp.add_argument("--workers", type=int, help=f"worker processes (default {d.workers})")
+    sp.add_argument("--compressor", help=f"{' | '.join(DDP_COMPRESSORS)} (default {d.compressor})")
+    sp.add_argument("--rank", type=int, help=f"low-rank compressors: rank of each compressed matrix (default {d.rank}; the paper: 8-64)")
+    sp.add_argument("--update-gap", type=int, help=f"greedylore: steps between subspace refreshes (default {d.update_gap}; the paper: 200-1200)")
+    sp.add_argument("--warmup", type=int, help=f"dense all-reduce for the first n steps, every compressor (default {d.warmup}; the paper: 500-4000)")
+    sp.add_argument("--probes", type=int, help=f"greedylore: Gaussian probes per direction for the scores (default {d.probes}, the paper's; more is not in the paper)")
+    sp.add_argument(
+        "--dense-patterns", metavar="PATTERNS",
+        help="comma-separated fnmatch patterns of parameter names all-reduced dense (default '*embed*,*wte*,*wpe*,*lm_head*'; '' for none)",
+    )  # fmt: skip
+    sp.add_argument("--dense-head", action=argparse.BooleanOptionalAction, help="all-reduce the output head (the last nn.Linear) dense (default: yes)")
+    sp.add_argument("--steps", type=int, help=f"training steps (default {d.steps})")
+    sp.add_argument("--eval-every", type=int, help=f"evaluate every n steps (default {d.eval_every})")
+    sp.add_argument("--diagnostics-every", type=int, help="write captured_fraction / residual_ratio to metrics.jsonl every n steps (default 1 with powersgd, greedylore, random; 0 = off)")
+    sp.add_argument("--checkpoint-every", type=int, help="write a resume point every n steps (default: every --eval-every steps; 0 = never; torch-powersgd: never)")
+    sp.add_argument("--backend", help="gloo (CPU, default) | nccl (one GPU per worker)")
+
+
+def _ddp(args, console: Console, err: Console) -> int:
+    from rankfed.app.ddp import resume_options, run_ddp_config
+    from rankfed.ddp.runner import DdpOptions
+
+    given = {k: getattr(args, k) for k in _DDP_FLAGS if getattr(args, k) is not None}
+    if "dense_patterns" in given:
+        given["dense_patterns"] = [p.strip() for p in given["dense_patterns"].split(",") if p.strip()]
+    if args.resume:
+        if args.config or args.overrides or args.out or args.overwrite:
+            raise ConfigError("--resume RUN_DIR continues that run as it was configured: give no CONFIG, --set, --out or --overwrite")
+        other = [k for k in given if k not in _DDP_RESUME_FLAGS]
+        if other:
+            raise ConfigError(f"--resume RUN_DIR continues that run with its own options: only --steps and --checkpoint-every may be given, not {', '.join('--' + k.replace('_', '-') for k in other)}")
+        out = Path(args.resume)
+        if not (out / "config.toml").is_file():
+            raise FileNotFoundError(f"--resume {args.resume!r}: not a run folder (no config.toml)")
+        cfg, saved = resume_options(out)
+        opts = dataclasses.replace(saved, **given)
+    elif args.config is None:
+        raise ConfigError("rankfed ddp: give an experiment file (or --resume RUN_DIR)")
+    else:
+        cfg = load_config(args.config, args.overrides)
+        opts = DdpOptions(**given)
+        out = Path(args.out or f"runs/ddp-{_name(cfg.task.dataset)}-{opts.compressor}-{_stamp()}")
+    if not args.quiet:
+        err.print(f"ddp: {opts.workers} workers ({opts.backend}), {opts.compressor}, {opts.steps} steps" + (f", resumed in {out}" if args.resume else ""), highlight=False)
+    s = run_ddp_config(cfg, opts, out, overwrite=args.overwrite, command=_command(), resume=bool(args.resume))
+    if s["status"] == "diverged":
+        err.print(f"rankfed: warning: training diverged at step {s['diverged_at_step']} (non-finite weights or gradients; try a lower lr); the run stopped there", highlight=False)
+        console.print(f"ddp-{opts.compressor}: diverged at step {s['diverged_at_step']}; run folder {out}", highlight=False)
+        return 0
+    console.print(
+        f"ddp-{opts.compressor}: final accuracy {100 * s['final_accuracy']:.2f}% after {s['steps']} steps; "
+        f"{s['mean_bytes_per_step'] / 1e3:.1f} kB per step per worker ({100 * s['bytes_vs_dense']:.1f}% of dense); "
+        f"{1e3 * sum(s['mean_step_s_per_worker']) / len(s['mean_step_s_per_worker']):.1f} ms per step; run folder {out}",
+        highlight=False,
+    )
+    return 0
+
+
 def _format_warning(message, category, filename, lineno, line=None) -> str:
     """rankfed's own warnings (UserWarning) as one line, like its errors; others as Python prints them."""
     if category is UserWarning and "rankfed" in str(filename):
@@ -412,25 +483,7 @@ def main(argv: list[str] | None = None) -> int:
             out = Path(args.out or f"runs/compare-{_name(cfg.task.dataset)}-{_stamp()}")
             _compare(cfg, _split_names(args.algorithms), out, console, args.quiet, args.overwrite, f"{cfg.task.dataset}: {args.algorithms}")
         elif args.command == "ddp":
-            from rankfed.app.ddp import run_ddp_config
-            from rankfed.ddp.runner import DdpOptions
-
-            cfg = load_config(args.config, args.overrides)
-            opts = DdpOptions(args.workers, args.compressor, args.rank, args.update_gap, args.warmup, args.steps, args.eval_every, args.backend)
-            out = Path(args.out or f"runs/ddp-{_name(cfg.task.dataset)}-{args.compressor}-{_stamp()}")
-            if not args.quiet:
-                err.print(f"ddp: {opts.workers} workers ({opts.backend}), {opts.compressor}, {opts.steps} steps", highlight=False)
-            s = run_ddp_config(cfg, opts, out, overwrite=args.overwrite, command=_command())
-            if s["status"] == "diverged":
-                err.print(f"rankfed: warning: training diverged at step {s['diverged_at_step']} (non-finite weights or gradients; try a lower lr); the run stopped there", highlight=False)
-                console.print(f"ddp-{opts.compressor}: diverged at step {s['diverged_at_step']}; run folder {out}", highlight=False)
-                return 0
-            console.print(
-                f"ddp-{opts.compressor}: final accuracy {100 * s['final_accuracy']:.2f}% after {s['steps']} steps; "
-                f"{s['mean_bytes_per_step'] / 1e3:.1f} kB per step per worker ({100 * s['bytes_vs_dense']:.1f}% of dense); "
-                f"{1e3 * sum(s['mean_step_s_per_worker']) / len(s['mean_step_s_per_worker']):.1f} ms per step; run folder {out}",
-                highlight=False,
-            )
+            return _ddp(args, console, err)
         elif args.command == "analyze":
             _analyze(args, console, err)
         elif args.command == "flower":

@@ -14,10 +14,16 @@ User code is named by import path (``"package.module:name"``): ``task.model`` (a
 class or factory, called with ``task.model_options``), ``task.dataset`` (a function
 returning ``(clients, test)``), ``task.loss``, ``task.metrics``, ``client.optimizer``.
 ``task.python_path`` lists folders to import them from (relative to the experiment file).
+
+A top-level ``preset = "<name>"`` (:data:`PRESETS`; on the command line ``--set
+preset=<name>``) fills in a set of keys wherever the file does not give them: keys set
+explicitly always win. ``"fedloru-code"`` is the FedLoRU authors' released code
+(``haemPark/fedloru_official``) as options (see :data:`PRESETS`).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -41,6 +47,9 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 __all__ = [
+    "PRESETS",
+    "apply_preset",
+    "preset_algorithm_options",
     "ConfigError",
     "TaskConfig",
     "FederationConfig",
@@ -62,6 +71,83 @@ _MAX_SEED = 2**32 - 1
 ClientConfig = LocalTraining  # the [client] table
 # older spellings of [client] keys, still read
 CLIENT_ALIASES = {"local_epochs": "epochs", "local_steps": "steps"}
+
+
+# Presets: section -> {key: value}. An [algorithm] key is set only for an algorithm that has that
+# option; keys the experiment file sets win; "tau" (the merge schedule) is left out where the
+# table gives tau or merge_rounds.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    # The FedLoRU authors' code (github.com/haemPark/fedloru_official), where it differs from the
+    # paper's text: zero base weights with both factors Kaiming-uniform (keep_original_weights=False),
+    # BatchNorm without running statistics (freeze_bn), dropout 0.1 between the factors, SGD with
+    # weight decay 1e-4 and gradient clipping at norm 0.1, momentum merges (--accumulate) every 50
+    # rounds evaluated before the merge, and FedHM's own factorisation (split_conv).
+    "fedloru-code": {
+        "task": {"batchnorm": "batch"},
+        "client": {"weight_decay": 1e-4, "grad_clip": 0.1},
+        "algorithm": {
+            "base_init": "zero",
+            "factor_dropout": 0.1,
+            "reinit": "momentum",
+            "tau": 50,
+            "eval_before_merge": True,
+            "factorization": "code",
+        },
+    },
+}
+_PRESET_SECTIONS = ("task", "client")  # the sections a preset fills besides the algorithm tables
+
+
+def _check_preset(name: object) -> dict[str, dict[str, Any]]:
+    if not isinstance(name, str) or (name and name not in PRESETS):
+        raise _bad("preset", name, f"must be one of {', '.join(PRESETS)} (or \"\" for none)")
+    return PRESETS.get(name, {})
+
+
+def preset_algorithm_options(name: str, algorithm: str, options: dict | None = None) -> dict:
+    """``options`` (an algorithm's table, without ``name``) with preset ``name``'s algorithm
+    keys filled in where the algorithm has that option and the table does not set it (the
+    merge schedule ``tau`` only where neither ``tau`` nor ``merge_rounds`` is set). An unknown
+    algorithm gets nothing (its name is checked elsewhere)."""
+    from rankfed.algorithms import ALGORITHMS
+
+    out = dict(options or {})
+    preset = _check_preset(name).get("algorithm", {})
+    cls = ALGORITHMS.get(algorithm)
+    if cls is None:
+        return out
+    fields = {f.name for f in dataclasses.fields(cls)}
+    for key, value in preset.items():
+        if key not in fields or key in out or (key == "tau" and "merge_rounds" in out):
+            continue
+        out[key] = copy.deepcopy(value)
+    return out
+
+
+def apply_preset(data: dict, name: str | None = None) -> dict:
+    """A parsed experiment document with preset ``name`` (default: the document's own top-level
+    ``preset`` key) filled in: its [task] and [client] keys and, in [algorithm], the keys of
+    :func:`preset_algorithm_options`, wherever the document does not set them. Returns a new
+    document (``data`` is not changed) that keeps the ``preset`` key; [algorithms.<label>]
+    variants get the preset when they are built (:meth:`ExperimentConfig.variant`)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"an experiment must be a table of sections, got {type(data).__name__}")
+    name = data.get("preset", "") if name is None else name
+    preset = _check_preset(name)
+    out = dict(data)
+    if not name:
+        return out
+    out["preset"] = name
+    for section in _PRESET_SECTIONS:
+        table = out.get(section, {})
+        if isinstance(table, dict):  # (a bad one is reported by parse_config)
+            out[section] = {**copy.deepcopy(preset.get(section, {})), **table}
+    algo = out.get("algorithm", {})
+    if isinstance(algo, dict):
+        algo_name = algo.get("name", "fedavg")
+        options = {k: v for k, v in algo.items() if k != "name"}
+        out["algorithm"] = {**({"name": algo_name} if "name" in algo else {}), **preset_algorithm_options(name, algo_name if isinstance(algo_name, str) else "", options)}
+    return out
 
 
 def is_import_path(name: str) -> bool:
@@ -96,6 +182,10 @@ class TaskConfig:
     # PEFT adapters put on the model: a peft.LoraConfig's keywords ({r = 8, lora_alpha = 16,
     # target_modules = ["c_attn"]}); {} = none (the model as its factory builds it)
     adapters: dict = field(default_factory=dict)
+    # "running": BatchNorm as the model builds it (running statistics at evaluation);
+    # "batch": no running statistics, batch statistics in training and at evaluation
+    # (rankfed.models.batch_stats_only, the FedLoRU/FedHM code's models), for every algorithm
+    batchnorm: str = "running"
 
     def __post_init__(self) -> None:
         from rankfed.data import DATASETS, PARTITIONS
@@ -129,6 +219,9 @@ class TaskConfig:
             _check_import_path(f"task.metrics.{name}", path)
         if not all(isinstance(p, str) for p in self.python_path):
             raise _bad("task.python_path", self.python_path, "must be a list of folders")
+        from rankfed.models import BATCHNORMS
+
+        _choice("task.batchnorm", self.batchnorm, BATCHNORMS)
 
 
 @dataclass
@@ -205,8 +298,12 @@ class ExperimentConfig:
     flower: FlowerConfig = field(default_factory=FlowerConfig)
     # variants for `rankfed compare`, by label: {"mapa": {"k": 64}, "fedavg+qsgd": {"name": "fedavg", "compressor": "qsgd"}}
     algorithms: dict = field(default_factory=dict)
+    # the preset the file named ("" = none): already filled into task, client and algorithm;
+    # a variant's algorithm gets its algorithm keys when it is built (see variant)
+    preset: str = ""
 
     def __post_init__(self) -> None:
+        _check_preset(self.preset)
         for label, opts in self.algorithms.items():
             if not isinstance(opts, dict):
                 raise _bad(f"algorithms.{label}", opts, "must be a table of options")
@@ -216,7 +313,8 @@ class ExperimentConfig:
     def variant(self, label: str) -> AlgorithmConfig:
         """The algorithm and options a label stands for: an [algorithms.<label>] table (its
         ``name`` key, default the label, and its options); else the algorithm of that name
-        with the [algorithm] options if it is the one there, defaults otherwise."""
+        with the [algorithm] options if it is the one there, defaults otherwise. The preset's
+        algorithm keys fill in what a table or the defaults leave unset."""
         from rankfed.algorithms import ALGORITHMS
 
         if label in self.algorithms:
@@ -225,11 +323,13 @@ class ExperimentConfig:
             opts.pop("client", None)  # client overrides: see with_algorithm
             if name not in ALGORITHMS:
                 raise _bad(f"algorithms.{label}.name" if label != name else "algorithms", name, f"must be one of {', '.join(sorted(ALGORITHMS))}")
+            opts = preset_algorithm_options(self.preset, name, opts)
             ALGORITHMS[name].from_options(opts, section=f"algorithms.{label}")
             return AlgorithmConfig(name=name, options=opts)
         if label not in ALGORITHMS:
             raise ConfigError(f"unknown algorithm or variant {label!r}; algorithms: {', '.join(sorted(ALGORITHMS))}; variants: {', '.join(self.algorithms) or 'none'}")
-        opts = dict(self.algorithm.options) if label == self.algorithm.name else {}
+        # the [algorithm] table's options already hold the preset's keys
+        opts = dict(self.algorithm.options) if label == self.algorithm.name else preset_algorithm_options(self.preset, label)
         return AlgorithmConfig(name=label, options=opts)
 
     def with_algorithm(self, label: str) -> ExperimentConfig:
@@ -262,11 +362,15 @@ _ALIASES = {"client": CLIENT_ALIASES}
 
 
 def parse_config(data: dict) -> ExperimentConfig:
-    """Build an :class:`ExperimentConfig` from a parsed TOML document."""
+    """Build an :class:`ExperimentConfig` from a parsed TOML document (its ``preset``, if any,
+    filled in first: :func:`apply_preset`)."""
     if not isinstance(data, dict):
         raise ConfigError(f"an experiment must be a table of sections, got {type(data).__name__}")
+    data = apply_preset(data)
     known = {*_SECTIONS, "algorithm", "algorithms"}
     for key in data:
+        if key == "preset":
+            continue
         if key not in known:
             close = difflib.get_close_matches(key, sorted(known), n=1)
             hint = f" (did you mean [{close[0]}]?)" if close else f" (sections: {', '.join(sorted(known))})"
@@ -286,6 +390,7 @@ def parse_config(data: dict) -> ExperimentConfig:
         **parts,
         algorithm=AlgorithmConfig(name=name, options=algo),
         algorithms={k: dict(v) if isinstance(v, dict) else v for k, v in algorithms.items()},
+        preset=data.get("preset", ""),
     )
 
 
@@ -298,12 +403,16 @@ def _parse_value(text: str) -> Any:
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply ``section.key=value`` overrides to a parsed TOML document (in place)."""
+    """Apply ``section.key=value`` overrides (and ``preset=name``) to a parsed TOML document
+    (in place)."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected section.key=value")
         path, _, text = item.partition("=")
         keys = path.strip().split(".")
+        if keys == ["preset"]:  # the one top-level key
+            data["preset"] = _parse_value(text.strip())
+            continue
         if len(keys) < 2 or not all(keys):
             raise ConfigError(f"--set {item!r}: expected section.key=value")
         node = data
@@ -364,6 +473,8 @@ def to_dict(cfg: ExperimentConfig) -> dict:
     out["algorithm"] = {"name": cfg.algorithm.name, **cfg.algorithm.build().to_options()}
     if cfg.algorithms:
         out["algorithms"] = cfg.algorithms
+    if cfg.preset:  # every key it set is written out above; kept to say where they came from
+        out = {"preset": cfg.preset, **out}
     return out
 
 

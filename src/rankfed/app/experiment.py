@@ -25,7 +25,7 @@ from rankfed.checks import accepts_keyword, load_object
 from rankfed.data import ClientData, Dataset, federate, load_dataset
 from rankfed.errors import ConfigError
 from rankfed.federation import Federation, Result
-from rankfed.models import build_model
+from rankfed.models import batch_stats_only, build_model
 from rankfed.server import Experiment
 from rankfed.sim import Simulator
 
@@ -92,33 +92,38 @@ def load_init_weights(model: torch.nn.Module, path: str) -> None:
         raise ConfigError(f"task.init_weights = {path!r}: does not fit the model (missing {result.missing_keys[:4]}, unexpected {result.unexpected_keys[:4]})")
 
 
-def _built_model(name: str, input_shape: tuple, num_classes: int, options: dict, init_weights: str) -> torch.nn.Module:
-    model = build_model(name, tuple(input_shape), num_classes, **options)
-    if init_weights:
+def _finish_model(model: torch.nn.Module, init_weights: str, batchnorm: str) -> torch.nn.Module:
+    if init_weights:  # first: a saved model's running statistics load, then go with batchnorm = "batch"
         load_init_weights(model, init_weights)
+    if batchnorm == "batch":
+        batch_stats_only(model)
     return model
 
 
-def _user_model(factory, options: dict, init_weights: str, key: str) -> torch.nn.Module:
+def _built_model(name: str, input_shape: tuple, num_classes: int, options: dict, init_weights: str, batchnorm: str = "running") -> torch.nn.Module:
+    return _finish_model(build_model(name, tuple(input_shape), num_classes, **options), init_weights, batchnorm)
+
+
+def _user_model(factory, options: dict, init_weights: str, key: str, batchnorm: str = "running") -> torch.nn.Module:
     try:
         model = factory(**options)
     except TypeError as e:
         raise ConfigError(f"{key}: calling it with task.model_options = {options!r} failed: {e}") from None
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"{key}: returned a {type(model).__name__}, not an nn.Module")
-    if init_weights:
-        load_init_weights(model, init_weights)
-    return model
+    return _finish_model(model, init_weights, batchnorm)
 
 
 def model_factory(cfg: ExperimentConfig, input_shape: tuple | None = None, num_classes: int | None = None):
     """A picklable factory of the experiment's model (built-in: for data of ``input_shape`` and
-    ``num_classes``), for :class:`Federation` (which seeds it) and data-parallel workers."""
+    ``num_classes``), for :class:`Federation` (which seeds it) and data-parallel workers. With
+    ``task.batchnorm = "batch"`` its BatchNorm layers keep no running statistics
+    (:func:`rankfed.models.batch_stats_only`), whatever the algorithm."""
     task = cfg.task
     if is_import_path(task.model):
-        return partial(_user_model, _load(cfg, task.model, "task.model"), dict(task.model_options), task.init_weights, f"task.model = {task.model!r}")
+        return partial(_user_model, _load(cfg, task.model, "task.model"), dict(task.model_options), task.init_weights, f"task.model = {task.model!r}", task.batchnorm)
     name = task.model or DEFAULT_MODELS[task.dataset]
-    return partial(_built_model, name, tuple(input_shape), num_classes, dict(task.model_options), task.init_weights)
+    return partial(_built_model, name, tuple(input_shape), num_classes, dict(task.model_options), task.init_weights, task.batchnorm)
 
 
 def task_data(cfg: ExperimentConfig, dataset: Dataset | None = None) -> tuple[list, object, dict]:

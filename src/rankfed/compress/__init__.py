@@ -12,8 +12,8 @@ compressed update are measured, not estimated::
 
 Families: :mod:`.base` (interface, identity, chain, the compressibility rule),
 :mod:`.sparsify` (top-k), :mod:`.quantize` (QSGD), :mod:`.feedback` (error feedback),
-:mod:`.lowrank_uplink` (PowerSGD and GreedyLore as a client's uplink compressor),
-:mod:`.lowrank` (the same two inside a data-parallel all-reduce), :mod:`.build` (the
+:mod:`.lowrank_uplink` (PowerSGD, GreedyLore and the random subspace as a client's uplink
+compressor), :mod:`.lowrank` (the same three inside a data-parallel all-reduce), :mod:`.build` (the
 ``"topk+qsgd"`` spelling of an experiment file). Compressors are algorithm options too::
 
     rf.FedAvg(compressor=rf.compress.chain(rf.compress.topk(0.01), rf.compress.qsgd(8)))
@@ -22,7 +22,7 @@ Families: :mod:`.base` (interface, identity, chain, the compressibility rule),
 from rankfed.compress.base import CHAINABLE, LOW_RANK, Compressor, EmptyState, chain, fold_seed, identity, low_rank_pays, matrix_dims
 from rankfed.compress.build import COMPRESSORS, build_compressor
 from rankfed.compress.feedback import ErrorFeedbackState, error_feedback
-from rankfed.compress.lowrank_uplink import greedylore_uplink, powersgd_uplink
+from rankfed.compress.lowrank_uplink import greedylore_uplink, powersgd_uplink, random_uplink
 from rankfed.compress.quantize import qsgd
 from rankfed.compress.sparsify import topk
 
@@ -37,6 +37,7 @@ __all__ = [
     "error_feedback",
     "powersgd_uplink",
     "greedylore_uplink",
+    "random_uplink",
     "build_compressor",
     "COMPRESSORS",
     "CHAINABLE",

@@ -58,7 +58,7 @@ __all__ = [
 # compressor (rankfed.compress.lowrank_uplink) and inside a data-parallel all-reduce
 # (rankfed.compress.lowrank, rankfed.ddp).
 CHAINABLE = ("topk", "qsgd")
-LOW_RANK = ("powersgd", "greedylore")
+LOW_RANK = ("powersgd", "greedylore", "random")
 
 Tensors = dict[str, torch.Tensor]
 Entries = dict[str, Union[torch.Tensor, int, float]]

@@ -42,11 +42,12 @@ def build_compressor(
         raise ValueError(f"update_gap must be an int >= 1, got {update_gap!r}")
     low = spec.strip().lower()
     if low in LOWRANK:
-        from rankfed.compress.lowrank_uplink import greedylore_uplink, powersgd_uplink
+        from rankfed.compress.lowrank_uplink import greedylore_uplink, powersgd_uplink, random_uplink
 
-        return powersgd_uplink(compress_rank) if low == "powersgd" else greedylore_uplink(compress_rank, update_gap)
+        makers = {"powersgd": lambda: powersgd_uplink(compress_rank), "greedylore": lambda: greedylore_uplink(compress_rank, update_gap), "random": lambda: random_uplink(compress_rank)}
+        return makers[low]()
     if any(part.strip().lower() in LOWRANK for part in spec.split("+")):
-        raise ValueError(f"compressor spec {spec!r}: {' and '.join(LOWRANK)} are used alone, not in a chain")
+        raise ValueError(f"compressor spec {spec!r}: {', '.join(LOWRANK)} are used alone, not in a chain")
     makers = {"topk": lambda: topk(ratio=ratio), "qsgd": lambda: qsgd(bits=bits)}
     members: list[Compressor] = []
     if spec.strip():
@@ -55,7 +56,7 @@ def build_compressor(
             if name not in makers:
                 raise ValueError(
                     f"unknown compressor {part.strip()!r} in spec {spec!r}; valid names are "
-                    f"{', '.join(COMPRESSORS)} (joined by '+'), {' or '.join(LOWRANK)} (alone), or '' for none"
+                    f"{', '.join(COMPRESSORS)} (joined by '+'), one of {', '.join(LOWRANK)} (alone), or '' for none"
                 )
             members.append(makers[name]())
     if not members:

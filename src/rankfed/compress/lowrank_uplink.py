@@ -1,4 +1,4 @@
-"""PowerSGD and GreedyLore as federated *uplink* compressors (one client, one update).
+"""PowerSGD, GreedyLore and the random subspace as federated *uplink* compressors (one client, one update).
 
 A client compresses its model update alone, so the collective of the
 data-parallel forms (:mod:`rankfed.compress.lowrank`) is the identity and what
@@ -18,6 +18,10 @@ not be at least 2x smaller than the matrix are sent dense.
   projection on them. Unlike in data-parallel training the picked directions
   travel (the server has no basis of its own), so a greedy upload costs what a
   PowerSGD one does: the two differ in which subspace they keep.
+* ``random``: every upload a random orthonormal rank-r basis P of X's smaller
+  side, drawn from (the upload's seed, the client's upload count, the name); R =
+  P^T X and that seed (one int64) are sent, the server redraws P from it
+  (rank * max(n, m) numbers); the error is X - P R.
 """
 
 from __future__ import annotations
@@ -28,9 +32,9 @@ from functools import partial
 import torch
 
 from rankfed.compress.base import Compressor, check_tensors, low_rank_pays, matrix_dims, read_shape, shape_tensor
-from rankfed.compress.lowrank import _name_seed
+from rankfed.compress.lowrank import _name_seed, _step_seed, random_basis
 
-__all__ = ["LowRankUplinkState", "powersgd_uplink", "greedylore_uplink", "uplink_numbers"]
+__all__ = ["LowRankUplinkState", "powersgd_uplink", "greedylore_uplink", "random_uplink", "uplink_numbers"]
 
 
 @dataclass(frozen=True)
@@ -59,12 +63,18 @@ def _init(template) -> LowRankUplinkState:
 def _decompress(entries):
     out = {}
     for name, value in entries.items():
-        if name.endswith((":A", ":B", ":shape")):
+        if name.endswith((":A", ":B", ":R", ":seed", ":shape")):
             continue
         out[name] = value
     for name in {k[: -len(":A")] for k in entries if k.endswith(":A")}:
         a, b = entries[name + ":A"], entries[name + ":B"]
         out[name] = (a @ b.T).reshape(read_shape(entries[name + ":shape"]))
+    for name in {k[: -len(":R")] for k in entries if k.endswith(":R")}:  # random: P redrawn from its seed
+        r_, shape = entries[name + ":R"], read_shape(entries[name + ":shape"])
+        n, m = matrix_dims(shape)
+        p = random_basis(int(entries[name + ":seed"]), min(n, m), r_.shape[0], r_.device, r_.dtype)
+        x = p @ r_
+        out[name] = (x if n <= m else x.T).reshape(shape)
     return out
 
 
@@ -118,6 +128,19 @@ def _greedylore_compress(rank, update_gap, tensors, state, seed):
     return entries, LowRankUplinkState(error, state.q, bases, state.uploads + 1)
 
 
+def _random_compress(rank, tensors, state, seed):
+    entries, error = {}, dict(state.error)
+    for name, t, x in _matrices("random", rank, tensors, error, entries):
+        left = x.shape[0] <= x.shape[1]
+        xs = x if left else x.T  # (s, l)
+        seed_m = _step_seed(seed, state.uploads, name)
+        p = random_basis(seed_m, xs.shape[0], rank, x.device, x.dtype)  # (s, r): redrawn by the server
+        r_ = p.T @ xs
+        error[name] = (xs - p @ r_) if left else (xs - p @ r_).T
+        entries[name + ":R"], entries[name + ":seed"], entries[name + ":shape"] = r_, seed_m, shape_tensor(t.shape)
+    return entries, LowRankUplinkState(error, state.q, state.basis, state.uploads + 1)
+
+
 def powersgd_uplink(rank: int = 4) -> Compressor:
     """PowerSGD as a client's uplink compressor (see the module docstring)."""
     return Compressor("powersgd", _init, partial(_powersgd_compress, rank), _decompress, {"compressor": "powersgd", "compress_rank": rank})
@@ -126,3 +149,8 @@ def powersgd_uplink(rank: int = 4) -> Compressor:
 def greedylore_uplink(rank: int = 4, update_gap: int = 10) -> Compressor:
     """GreedyLore as a client's uplink compressor (see the module docstring)."""
     return Compressor("greedylore", _init, partial(_greedylore_compress, rank, update_gap), _decompress, {"compressor": "greedylore", "compress_rank": rank, "update_gap": update_gap})
+
+
+def random_uplink(rank: int = 4) -> Compressor:
+    """The random subspace as a client's uplink compressor (see the module docstring)."""
+    return Compressor("random", _init, partial(_random_compress, rank), _decompress, {"compressor": "random", "compress_rank": rank})

@@ -174,6 +174,7 @@ class RankfedStrategy(Strategy):
         self._round: _Round | None = None
         self._rec = None  # the round aggregated last, before evaluation
         self._global_state: dict[str, torch.Tensor] | None = None
+        self._eval_state: dict[str, torch.Tensor] | None = None  # what the round is evaluated as (Rounds.evaluation_state)
         self._t_start: float | None = None
         self.offset = 0  # a resumed run: Flower's round 1 is this run's round offset + 1
         # stateful kinds: the round each partition's replica was last synced in, as far as this
@@ -342,6 +343,7 @@ class RankfedStrategy(Strategy):
             fold.add(cid, payload)
             del payload
         rec, self._global_state = self.rounds.close(r.plan, fold, up_sizes, arrived)
+        self._eval_state = self.rounds.evaluation_state(self._global_state)  # now: a personal evaluation's configure comes first
         ok = [cid for cid in arrived if cid not in rec.rejected]
         for cid, why in rec.rejected.items():
             r.failures[cid] = f"bad upload: {why}"
@@ -410,7 +412,7 @@ class RankfedStrategy(Strategy):
         if self._rec is None or self._rec.round != server_round:
             return None
         rec = self._rec
-        self.evaluator(rec, self._global_state)  # raises Diverged on a non-finite test loss
+        self.evaluator(rec, self._eval_state)  # raises Diverged on a non-finite test loss
         rec.wall_s = time.perf_counter() - self._t_start
         self.rounds.commit(rec)
         if self.on_round is not None:

@@ -16,7 +16,7 @@ models without dropout (its randomness would differ under vmap) and without buff
 than BatchNorm statistics, with the task's loss formed sample by sample (cross-entropy, or a
 user loss that is a mean over samples: :meth:`Task.decomposable` checks it on a batch);
 BatchNorm layers normalise with the statistics of each client's real samples (padding left
-out) and their running statistics are carried per client.
+out) and their running statistics, where they keep them, are carried per client.
 :func:`cohort_supported` says whether a model, settings, task and data apply. With ``compile=True`` the whole step
 (gradients, clipping, momentum, update) is one ``torch.compile`` graph, compiled once per
 process and cohort shape.
@@ -99,6 +99,11 @@ def _tracking_batchnorms(model: nn.Module) -> dict[nn.Module, str]:
     return {m: name for name, m in model.named_modules() if isinstance(m, _BN) and m.track_running_stats}
 
 
+def _batchnorms(model: nn.Module) -> dict[nn.Module, str]:
+    """Every BatchNorm layer (with running statistics or without), with its module name."""
+    return {m: name for name, m in model.named_modules() if isinstance(m, _BN)}
+
+
 def _qualified(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
@@ -110,11 +115,13 @@ def _buffer_owners(model: nn.Module) -> dict[str, nn.Module]:
 
 class _MaskedBatchNorm:
     """While a cohort trains, the model's BatchNorm layers normalise with the statistics of
-    the valid (unpadded) samples only, and report their new running statistics here instead
-    of updating buffers in place (vmap carries them as per-client tensors)."""
+    the valid (unpadded) samples only, and those that keep running statistics report their new
+    ones here instead of updating buffers in place (vmap carries them as per-client tensors).
+    A layer without running statistics (``track_running_stats = False``) normalises with the
+    batch's statistics in eval() too; in training it is masked the same way."""
 
     def __init__(self, model: nn.Module):
-        self.layers = _tracking_batchnorms(model)
+        self.layers = _batchnorms(model)
         self.mask: torch.Tensor | None = None
         self.updates: dict[str, torch.Tensor] = {}
 
@@ -145,6 +152,8 @@ class _MaskedBatchNorm:
             out = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + m.eps)
             if m.affine:
                 out = out * m.weight.view(shape) + m.bias.view(shape)
+            if not m.track_running_stats:
+                return out
             mom = m.momentum
             unbiased = var.detach() * n / (n - 1).clamp_min(1.0)
             self.updates[_qualified(prefix, "running_mean")] = (1 - mom) * m.running_mean + mom * mean.detach()
@@ -186,7 +195,7 @@ class CohortTrainer:
         self.build = build or _default_build
         self.compile = compile
         self.buffer_names = [n for n, _ in model.named_buffers()]  # BatchNorm statistics (cohort_supported)
-        self._bn = _MaskedBatchNorm(model) if self.buffer_names else None
+        self._bn = _MaskedBatchNorm(model) if _batchnorms(model) else None
         self._step_fn = None
 
     # -- the step, as one pure function of tensors ------------------------------------------

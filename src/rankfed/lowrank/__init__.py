@@ -7,9 +7,12 @@ recorded merges (accumulation) and re-initialisation.
 """
 
 from .layers import (
+    SCALES,
     kaiming_down_zero_up,
+    kaiming_uniform,
     InitMode,
     LoRAConv2d,
+    LoRAConv2dSplit,
     LoRALayer,
     LoRALinear,
     apply_lora,
@@ -19,12 +22,16 @@ from .layers import (
     lora_state,
     max_rank,
     merge_all,
+    split_max_rank,
 )
 
 __all__ = [
+    "SCALES",
     "kaiming_down_zero_up",
+    "kaiming_uniform",
     "InitMode",
     "LoRAConv2d",
+    "LoRAConv2dSplit",
     "LoRALayer",
     "LoRALinear",
     "apply_lora",
@@ -34,4 +41,5 @@ __all__ = [
     "lora_state",
     "max_rank",
     "merge_all",
+    "split_max_rank",
 ]

@@ -3,15 +3,22 @@
 A wrapper holds the original layer as ``base_layer`` (frozen) and a trainable
 factor pair ``down`` / ``up``; it computes
 
-    y = base_layer(x) + scaling * up(down(x)),        scaling = alpha / rank,
+    y = base_layer(x) + scaling * up(dropout(down(x))),        scaling = alpha / rank,
 
 which is eq. (10) of the FedLoRU paper, ``W + alpha * A B`` with ``A`` = ``up``
 (out x r) and ``B`` = ``down`` (r x in); the paper's ``alpha`` is this module's
-``scaling = alpha / rank``, as in LoRA and the FedLoRU code.
+``scaling = alpha / rank``, as in LoRA and the FedLoRU code. ``scale="alpha/sqrt(r)"``
+makes it ``alpha / sqrt(rank)`` instead (rsLoRA, Kalajdzievski 2023: the update's size
+then does not shrink as the rank grows, so one learning rate serves every rank).
+``dropout`` (default 0: none) is an ``nn.Dropout`` between ``down`` and ``up``, active in
+train mode only, as the FedLoRU code's ``LoWRank2DConv`` has it (PEFT's ``lora_dropout``
+drops the input of ``lora_A`` instead).
 
 Initialisation follows the FedLoRU code and LoRA (``down`` random, ``up``
 zero). The paper's text words it the other way round ("A Gaussian, B zero");
-either way the fresh update is zero.
+either way the fresh update is zero. :meth:`LoRALayer.zero_base` is the FedLoRU code's
+other start (``keep_original_weights=False``): the base weight zero and ``up`` drawn
+Kaiming-uniform too, so the layer starts as the rank-r map ``scaling * up @ down``.
 
 Shapes (``r`` = rank)::
 
@@ -24,11 +31,22 @@ Shapes (``r`` = rank)::
                             up    Conv2d(r, out, 1 x 1)      weight (out, r, 1, 1)
                             delta = scaling * sum_r up[o, r] down[r, i, :, :] (out, in, kh, kw)
 
+    Conv2d, split (:class:`LoRAConv2dSplit`, the FedHM code's factorisation):
+                            down  Conv2d(in, r, 1 x kw, stride (1, sw), padding (0, pw))
+                                                             weight (r, in, 1, kw)
+                            up    Conv2d(r, out, kh x 1, stride (sh, 1), padding (ph, 0))
+                                                             weight (out, r, kh, 1)
+                            delta = scaling * sum_r up[o, r, h, 0] down[r, i, 0, w] (out, in, kh, kw)
+
 The conv pair is what the FedLoRU authors' code uses: a 1x1 conv after a conv
 with the original geometry is the same linear map as one conv whose kernel is
 ``delta``, because the padding, stride and dilation act on ``x`` before any
 channel mixing. :meth:`LoRALayer.delta_weight` is that single dense kernel; the
-forward uses the cheaper factored path, and the tests check the two agree.
+forward uses the cheaper factored path, and the tests check the two agree. The split
+pair is the same kind of identity one axis at a time: the 1 x kw conv mixes input channels
+and columns (the horizontal stride and padding), the kh x 1 conv mixes rank channels and
+rows (the vertical ones), so the two compose to one conv whose kernel, flattened to the
+matrix ``(out * kh, in * kw)`` (``kernel.permute(0, 2, 1, 3)``), is ``up @ down`` of rank r.
 
 Merging (accumulation, eq. (11)) follows PEFT's LoRA layers: it is one method,
 reversible, and recorded.
@@ -51,10 +69,15 @@ reversible, and recorded.
     nn.Conv2d default, bound ``1 / sqrt(fan_in)``), ``up`` zero. The new pair
     adds nothing, so merge + random reset leaves the function unchanged.
   - ``"momentum"``: the factors keep their values (FedLoRU's "momentum
-    initialisation", after ReLoRA: the next phase starts from the previous A, B).
-    The base weight already absorbed ``delta``, and the live factor path adds
-    the same ``delta`` again, so right after ``merge_and_reinit("momentum")``
-    the layer computes with ``W + 2 * delta``: the paper's choice, not a bug.
+    initialisation": the next phase starts from the previous A, B). The base weight
+    already absorbed ``delta``, and the live factor path adds the same ``delta``
+    again, so right after ``merge_and_reinit("momentum")`` the layer computes with
+    ``W + 2 * delta``. That is what the FedLoRU authors' code does (its
+    ``LoWRank2DConv.merge()`` adds ``delta`` into the weight and leaves the factor
+    path on), and no momentum merge can do otherwise: with the factors kept, a merge
+    that kept the function would have to leave the base unchanged, i.e. not merge.
+    ReLoRA, which the paper cites for it, keeps no factors: it merges and re-draws
+    them (as ``"random"`` here) and keeps part of the optimiser state instead.
     Use :meth:`merge` alone (without a reset) for a merge that keeps the function.
 
 Which parameters train: the base weight never does; the base bias does unless
@@ -82,8 +105,11 @@ from torch import nn
 
 __all__ = [
     "kaiming_down_zero_up",
+    "kaiming_uniform",
     "InitMode",
+    "SCALES",
     "LoRAConv2d",
+    "LoRAConv2dSplit",
     "LoRALayer",
     "LoRALinear",
     "apply_lora",
@@ -93,10 +119,18 @@ __all__ = [
     "lora_state",
     "max_rank",
     "merge_all",
+    "split_max_rank",
 ]
 
 InitMode = Literal["random", "momentum"]
 _INIT_MODES: tuple[str, ...] = ("random", "momentum")
+SCALES: tuple[str, ...] = ("alpha/r", "alpha/sqrt(r)")  # the update scale: LoRA's, or rsLoRA's
+
+
+def _scaling(alpha: float, rank: int, scale: str) -> float:
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+    return alpha / rank if scale == "alpha/r" else alpha / math.sqrt(rank)
 
 
 def max_rank(layer: nn.Linear | nn.Conv2d) -> int:
@@ -111,6 +145,13 @@ def max_rank(layer: nn.Linear | nn.Conv2d) -> int:
     if isinstance(layer, nn.Linear):
         return min(layer.in_features, layer.out_features)
     raise TypeError(f"expected nn.Linear or nn.Conv2d, got {type(layer).__name__}")
+
+
+def split_max_rank(layer: nn.Conv2d) -> int:
+    """Largest rank of :class:`LoRAConv2dSplit`'s pair for ``layer``: the rank of its kernel
+    flattened as the FedHM code does, ``(out * kh, in * kw)``."""
+    kh, kw = layer.kernel_size
+    return min(layer.out_channels * kh, layer.in_channels * kw)
 
 
 def _describe(layer: nn.Module) -> str:
@@ -150,17 +191,25 @@ def _check_alpha(alpha: object) -> float:
 
 
 @torch.no_grad()
+def kaiming_uniform(weight: torch.Tensor, generator: torch.Generator | None) -> None:
+    """``weight`` Kaiming-uniform in place (``a = sqrt(5)``, the nn.Linear / nn.Conv2d default):
+    the same draws as ``nn.init.kaiming_uniform_`` from the same RNG, made on the generator's
+    device and copied (a CPU generator gives the same values for a CUDA weight)."""
+    # kaiming_uniform_(a=sqrt(5)): gain sqrt(2 / (1 + 5)), bound gain * sqrt(3 / fan_in)
+    # = 1 / sqrt(fan_in).
+    fan_in = weight[0].numel()
+    bound = 1.0 / math.sqrt(fan_in)
+    if generator is not None and generator.device != weight.device:
+        draw = torch.empty(weight.shape, dtype=weight.dtype, device=generator.device)
+        weight.copy_(draw.uniform_(-bound, bound, generator=generator))
+    else:
+        weight.uniform_(-bound, bound, generator=generator)
+
+
+@torch.no_grad()
 def kaiming_down_zero_up(down: torch.Tensor, up: torch.Tensor, generator: torch.Generator | None) -> None:
     """``down`` Kaiming-uniform (``a = sqrt(5)``), ``up`` zero: the pair adds nothing."""
-    # kaiming_uniform_(a=sqrt(5)): gain sqrt(2 / (1 + 5)), bound gain * sqrt(3 / fan_in)
-    # = 1 / sqrt(fan_in); the same draws as nn.init.kaiming_uniform_ from the same RNG.
-    fan_in = down[0].numel()
-    bound = 1.0 / math.sqrt(fan_in)
-    if generator is not None and generator.device != down.device:
-        draw = torch.empty(down.shape, dtype=down.dtype, device=generator.device)
-        down.copy_(draw.uniform_(-bound, bound, generator=generator))
-    else:
-        down.uniform_(-bound, bound, generator=generator)
+    kaiming_uniform(down, generator)
     up.zero_()
 
 
@@ -173,7 +222,9 @@ class LoRALayer(nn.Module):
     Attributes:
         base_layer: the wrapped layer; its weight is frozen.
         down, up: the factor pair (``B`` and ``A`` of the paper).
-        rank, alpha, scaling: ``scaling = alpha / rank``.
+        rank, alpha, scale, scaling: ``scaling = alpha / rank`` (``scale = "alpha/r"``) or
+            ``alpha / sqrt(rank)`` (``"alpha/sqrt(r)"``).
+        factor_dropout: the ``nn.Dropout`` between ``down`` and ``up`` (None without).
         merged: the current factors' delta is inside ``base_layer.weight``
             (the forward then skips the factor path).
         accumulated: how many deltas have been added into ``base_layer.weight``
@@ -196,6 +247,8 @@ class LoRALayer(nn.Module):
         freeze_down: bool = False,
         train_bias: bool = True,
         generator: torch.Generator | None = None,
+        scale: str = "alpha/r",
+        dropout: float = 0.0,
     ) -> None:
         if not isinstance(base_layer, self.wraps):
             raise TypeError(f"{type(self).__name__} wraps nn.{self.wraps.__name__}, got {type(base_layer).__name__}")
@@ -204,7 +257,11 @@ class LoRALayer(nn.Module):
         self.base_layer = base_layer
         self.rank = int(rank)
         self.alpha = _check_alpha(alpha)
-        self.scaling = self.alpha / self.rank
+        self.scale = scale
+        self.scaling = _scaling(self.alpha, self.rank, scale)
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+        self.factor_dropout = nn.Dropout(float(dropout)) if dropout > 0 else None
         self.freeze_down = freeze_down
         self.train_bias = train_bias
         self.merged = False
@@ -243,14 +300,37 @@ class LoRALayer(nn.Module):
             self.base_layer.weight.zero_()
         self.base_free = True
 
+    @torch.no_grad()
+    def zero_base(self, generator: torch.Generator | None = None) -> None:
+        """The FedLoRU code's start without the original weights (``base_init = "zero"``):
+        ``base_layer.weight`` zero and ``up`` drawn Kaiming-uniform (``a = sqrt(5)``) from
+        ``generator`` (``down`` already is, from construction), so the layer starts as the
+        rank-r map ``scaling * up @ down`` (plus the base bias, which is kept: the FedLoRU
+        code zeroes a bias too, but its convolutions have none) and every later weight is
+        the sum of the merged low-rank updates and the live pair.
+
+        Raises:
+            RuntimeError: the layer has merged a delta, is base-free or has a personal pair.
+        """
+        if self.merged or self.accumulated or self.base_free or self.p_up is not None:
+            raise RuntimeError("zero_base: only a fresh wrapper (no merges, not base-free, no personal pair)")
+        self.base_layer.weight.zero_()
+        kaiming_uniform(self.up.weight, generator)
+
+    def _factor_path(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.down(x)
+        if self.factor_dropout is not None:
+            h = self.factor_dropout(h)
+        return self.scaling * self.up(h)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.base_free:  # FedHM: the layer is its factors (and bias); no dense product with a zero weight
-            out = self.scaling * self.up(self.down(x))
+            out = self._factor_path(x)
             bias = self.base_layer.bias
             return out if bias is None else out + self._bias_shape(bias)
         out = self.base_layer(x)
         if not self.merged:  # (merged: the delta is already inside base_layer.weight)
-            out = out + self.scaling * self.up(self.down(x))
+            out = out + self._factor_path(x)
         if self.p_up is not None:
             out = out + self.p_scaling * self.p_up(self.p_down(x))
         return out
@@ -264,7 +344,8 @@ class LoRALayer(nn.Module):
     @torch.no_grad()
     def add_personal(self, rank: int, alpha: float, *, generator: torch.Generator | None = None) -> None:
         """Add a second factor pair ``p_down`` / ``p_up`` (pFedLoRU's personal L, U):
-        forward adds ``(alpha / rank) * p_up(p_down(x))``. It starts at zero (``p_down``
+        forward adds ``(alpha / rank) * p_up(p_down(x))`` (``alpha / sqrt(rank)`` under this
+        layer's ``scale = "alpha/sqrt(r)"``; no dropout). It starts at zero (``p_down``
         Kaiming-uniform, ``p_up`` zero), trains, and never takes part in merges or in
         :func:`dense_state_dict` (which gives the shared model only).
 
@@ -277,7 +358,7 @@ class LoRALayer(nn.Module):
         _check_wrappable(self.base_layer, rank, "(personal)")
         self.p_alpha = _check_alpha(alpha)
         self.p_rank = int(rank)
-        self.p_scaling = self.p_alpha / self.p_rank
+        self.p_scaling = _scaling(self.p_alpha, self.p_rank, self.scale)
         self.p_down, self.p_up = self._new_pair(self.p_rank)
         kaiming_down_zero_up(self.p_down.weight, self.p_up.weight, generator)
 
@@ -351,7 +432,7 @@ class LoRALayer(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling:g}, "
+            f"rank={self.rank}, alpha={self.alpha}, scale={self.scale}, scaling={self.scaling:g}, "
             f"freeze_down={self.freeze_down}, merged={self.merged}, accumulated={self.accumulated}"
         )
 
@@ -414,6 +495,46 @@ class LoRAConv2d(LoRALayer):
         return self.scaling * torch.einsum("or,rikl->oikl", up, self.down.weight)
 
 
+class LoRAConv2dSplit(LoRAConv2d):
+    """``nn.Conv2d`` plus a rank-``r`` update factorised as the FedHM code factorises a kernel.
+
+    The kernel ``(out, in, kh, kw)`` is the matrix ``(out * kh, in * kw)``
+    (``kernel.permute(0, 2, 1, 3).reshape(out * kh, in * kw)``, the FedHM code's non-square
+    layout), and the pair is that matrix's factors run as two convolutions:
+
+    * ``down``: Conv2d(in, r, (1, kw)), stride ``(1, sw)``, padding ``(0, pw)``, dilation
+      ``(1, dw)``; weight ``(r, in, 1, kw)`` = the ``(r, in * kw)`` factor;
+    * ``up``: Conv2d(r, out, (kh, 1)), stride ``(sh, 1)``, padding ``(ph, 0)``, dilation
+      ``(dh, 1)``; weight ``(out, r, kh, 1)`` = the ``(out * kh, r)`` factor.
+
+    The first mixes input channels along each row, the second rank channels down each
+    column; padding a row-wise map's rows is padding its input's rows, so the composition is
+    exactly the conv with kernel ``delta_weight()`` (a ``padding`` string, "same" or "valid",
+    is given to both). Both without bias; grouped convolutions are refused. Its rank may go up
+    to :func:`split_max_rank`, ``min(out * kh, in * kw)``.
+    """
+
+    def _new_pair(self, rank: int) -> tuple[nn.Conv2d, nn.Conv2d]:
+        base = self.base_layer
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        (kh, kw), (sh, sw), (dh, dw) = base.kernel_size, base.stride, base.dilation
+        if isinstance(base.padding, str):
+            pad_down = pad_up = base.padding
+        else:
+            ph, pw = base.padding
+            pad_down, pad_up = (0, pw), (ph, 0)
+        common = {"groups": 1, "bias": False, "padding_mode": base.padding_mode, **factory}
+        # (B, in, H, W) -> (B, r, H, W'): each row mixed across channels and kw columns
+        down = nn.Conv2d(base.in_channels, rank, (1, kw), stride=(1, sw), padding=pad_down, dilation=(1, dw), **common)
+        # (B, r, H, W') -> (B, out, H', W'): each column mixed across rank channels and kh rows
+        up = nn.Conv2d(rank, base.out_channels, (kh, 1), stride=(sh, 1), padding=pad_up, dilation=(dh, 1), **common)
+        return down, up
+
+    def delta_weight(self) -> torch.Tensor:
+        # up (out, r, kh, 1), down (r, in, 1, kw) -> (out, in, kh, kw)
+        return self.scaling * torch.einsum("orh,riw->oihw", self.up.weight[..., 0], self.down.weight[:, :, 0, :])
+
+
 _WRAPPERS: dict[type[nn.Module], type[LoRALayer]] = {nn.Linear: LoRALinear, nn.Conv2d: LoRAConv2d}
 
 
@@ -441,6 +562,8 @@ def apply_lora(
     freeze_down: bool = False,
     train_bias: bool = True,
     generator: torch.Generator | None = None,
+    scale: str = "alpha/r",
+    dropout: float = 0.0,
 ) -> list[str]:
     """Wrap, in place, every ``nn.Linear`` / ``nn.Conv2d`` whose name matches.
 
@@ -460,12 +583,15 @@ def apply_lora(
             :func:`max_rank` (``min(in, out)`` for Linear, ``min(in * kh * kw,
             out)`` for Conv2d) is allowed: the pair then spans at most the
             full rank.
-        alpha: scale; the update is multiplied by ``alpha / rank``.
+        alpha: scale; the update is multiplied by ``alpha / rank`` (``alpha / sqrt(rank)``
+            with ``scale = "alpha/sqrt(r)"``).
         patterns, exclude: fnmatch patterns (a single string is one pattern).
         freeze_down: freeze ``down`` at its random init (FA-LoRA).
         train_bias: whether the wrapped layers' biases train.
         generator: RNG for the ``down`` draws, taken in module order (any
             device; see :meth:`LoRALayer.reset_factors`).
+        scale: ``"alpha/r"`` (LoRA's) or ``"alpha/sqrt(r)"`` (rsLoRA's).
+        dropout: dropout probability between ``down`` and ``up`` (train mode only).
 
     Returns:
         The wrapped names, in module order.
@@ -478,6 +604,7 @@ def apply_lora(
     patterns = _as_patterns(patterns, "patterns")
     exclude = _as_patterns(exclude, "exclude")
     _check_alpha(alpha)
+    _scaling(1.0, 1, scale)  # a bad scale fails before anything is wrapped
 
     wrapped_prefixes = [name + "." for name, m in model.named_modules() if isinstance(m, LoRALayer)]
     candidates: list[str] = []
@@ -507,7 +634,7 @@ def apply_lora(
         wrapper_cls = _wrapper_for(module)
         assert wrapper_cls is not None
         wrapper = wrapper_cls(
-            module, rank, alpha, freeze_down=freeze_down, train_bias=train_bias, generator=generator
+            module, rank, alpha, freeze_down=freeze_down, train_bias=train_bias, generator=generator, scale=scale, dropout=dropout
         )
         setattr(parent, child, wrapper)
     return [name for name, _ in targets]

@@ -18,8 +18,12 @@ name            input_shape           layers a glob can select
 
 Every convolution is a plain ``nn.Conv2d`` and every linear layer a plain
 ``nn.Linear``. All models return logits of shape ``(B, num_classes)``.
+
+:func:`batch_stats_only` makes a model's BatchNorm layers keep no running statistics (batch
+statistics in training and at evaluation; the experiment file's ``task.batchnorm = "batch"``).
 """
 
 from .factory import MODELS, ModelOptionError, build_model, count_parameters
+from .norm import BATCHNORMS, batch_stats_only
 
-__all__ = ["MODELS", "ModelOptionError", "build_model", "count_parameters"]
+__all__ = ["MODELS", "ModelOptionError", "build_model", "count_parameters", "batch_stats_only", "BATCHNORMS"]

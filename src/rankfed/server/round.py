@@ -8,7 +8,7 @@ reach clients::
     fold = rounds.open(plan)           # the transport delivers plan's payloads; each uplink, as it arrives:
     fold.add(cid, upload)              #   checked and folded in (O(model) however many clients)
     rec, state = rounds.close(plan, fold, up_sizes, clients)   # the round folded into the server, counted
-    evaluator(rec, state); rounds.commit(rec)
+    evaluator(rec, rounds.evaluation_state(state)); rounds.commit(rec)
 
 (``rounds.aggregate(plan, replies, up_sizes, clients)`` does the middle three for uplinks at hand.)
 
@@ -325,6 +325,15 @@ class Rounds:
             skipped=checked.skipped,
         )
         return rec, state
+
+    def evaluation_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The model the round just closed is evaluated as: ``state`` (the global model
+        :meth:`close` returned), or what the server half says instead
+        (:meth:`~rankfed.protocol.ServerHalf.evaluation_state`: FedLoRU's model before a
+        merge, with ``eval_before_merge``). Call it right after :meth:`close`, before the next
+        round's downlink."""
+        own = self.server.evaluation_state()
+        return state if own is None else own
 
     def commit(self, rec: RoundRecord) -> RoundRecord:
         """Add a finished (evaluated) round to ``history``."""

@@ -77,12 +77,6 @@ class Simulator:
         self._warned_fallback = False
         workers = opts.workers
         model = exp.model.to(ctx.device)
-        # workers > 1: clients not trained as a cohort train in that many threads at once, each
-        # with its own client half and model; not with dropout (torch's global RNG seeds it)
-        if workers > 1 and has_dropout(model):
-            warnings.warn(f"federation.workers = {workers}: the model has dropout, whose masks come from torch's global RNG; clients train one at a time", stacklevel=2)
-            workers = 1
-        self.workers = workers
         self._pool: ThreadPoolExecutor | None = None
         server = exp.algorithm.make_server(model, ctx)
         self.rounds = Rounds(
@@ -95,6 +89,14 @@ class Simulator:
             max_upload_bytes=upload_limit(model, server),
         )
         self.client = exp.algorithm.make_client(model, ctx)
+        # workers > 1: clients not trained as a cohort train in that many threads at once, each
+        # with its own client half and model; not with dropout (torch's global RNG seeds it), the
+        # model's or the client half's own (the LoRA family's factor_dropout)
+        trained = getattr(self.client, "model", None)
+        if workers > 1 and (has_dropout(model) or (isinstance(trained, torch.nn.Module) and has_dropout(trained))):
+            warnings.warn(f"federation.workers = {workers}: the model has dropout, whose masks come from torch's global RNG; clients train one at a time", stacklevel=2)
+            workers = 1
+        self.workers = workers
         self.worker = copy.deepcopy(model)
         # one (client half, model) per client thread; the first is the simulator's own
         self._halves = [(self.client, self.worker)] + [(exp.algorithm.make_client(model, ctx), copy.deepcopy(model)) for _ in range(self.workers - 1)]
@@ -191,7 +193,7 @@ class Simulator:
                 self.client_states[cid] = cctx.state
         rec, state = self.rounds.close(plan, fold, up_sizes, ids)
         self._own_replicas = {}
-        self.evaluator(rec, state)
+        self.evaluator(rec, self.rounds.evaluation_state(state))
         if rec.evaluated and getattr(self.client, "personalized", False):
             t1 = time.perf_counter()
             rec.personal_accuracy = self.evaluate_personal(rnd)
