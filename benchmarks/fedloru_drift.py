@@ -74,7 +74,7 @@ def rslora(args) -> None:
     """Does one lr serve every rank with rsLoRA's scale? FedLoRU (paper text) at K = 20, ranks 16 and 64,
     alpha 16, scale alpha/r against alpha/sqrt(r), on one lr grid, seed 0."""
     jobs = Jobs(CONFIG, BASE, args.workers)
-    grid, ranks, scales = [0.03, 0.1, 0.3, 1.0], [16, 64], ["alpha/r", "alpha/sqrt(r)"]
+    grid, ranks, scales = [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0], [16, 64], ["alpha/r", "alpha/sqrt(r)"]
     runs = {(sc, r, lr): RUNS / "rslora" / f"{'rs' if 'sqrt' in sc else 'lora'}-r{r}-lr{lr:g}" for sc in scales for r in ranks for lr in grid}
     futs = [jobs.submit(out, {**METHODS["FedLoRU (paper text)"], "algorithm.rank": r, "algorithm.scale": sc, "client.lr": lr, "federation.clients": 20}) for (sc, r, lr), out in runs.items()]
     for f in futs:

@@ -95,11 +95,11 @@ def ms(xs, scale=1.0, fmt=".2f") -> str:
 def report(study: str, args) -> str:
     spec = STUDIES[study]
     res = {(m, s): run(study, m, s, args) for m in spec["methods"] for s in SEEDS}
-    lines = ["| method | compressor, rank | final test loss | final acc | best acc | bytes per step per worker (after warm-up) | vs dense | mean captured fraction | mean residual ratio | diverged |",
-             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| method | compressor, rank | final test loss | final acc | best acc | bytes per step per worker (median after warm-up) | vs dense | mean over the run, warm-up and refreshes included | mean captured fraction | mean residual ratio | diverged |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     curves = {}
     for m, (comp, rank) in spec["methods"].items():
-        finals, accs, bests, sent, cap, resid, div = [], [], [], [], [], [], 0
+        finals, accs, bests, sent, mean_sent, cap, resid, div = [], [], [], [], [], [], [], 0
         for s in SEEDS:
             sm = res[(m, s)]
             out = RUNS / study / f"{m.replace(' ', '-')}-seed{s}"
@@ -112,8 +112,9 @@ def report(study: str, args) -> str:
             finals.append(evals[-1]["loss"])
             accs.append(evals[-1]["accuracy"])
             bests.append(sm["best_accuracy"])
-            after = [r["bytes_per_step"] for r in evals if r["round"] > spec["warmup"]]
-            sent.append(after[-1] if after else sm["mean_bytes_per_step"])
+            after = [r["bytes_per_step"] for r in (diag or evals) if r["round"] > spec["warmup"]]
+            sent.append(statistics.median(after) if after else sm["mean_bytes_per_step"])
+            mean_sent.append(sm["mean_bytes_per_step"])
             if diag:
                 cap.append(statistics.mean(r["captured_fraction"] for r in diag))
                 resid.append(statistics.mean(r["residual_ratio"] for r in diag if r.get("residual_ratio") is not None))
@@ -121,7 +122,7 @@ def report(study: str, args) -> str:
         dense_bytes = res[(m, SEEDS[0])]["dense_bytes_per_step"]
         lines.append(
             f"| {m} | {comp}{'' if comp == 'none' else f', r{rank}'} | {ms(finals, fmt='.3f')} | {ms(accs, 100)}% | {ms(bests, 100)}% | {ms(sent, 1e-3, '.1f')} kB | "
-            f"{ms([x / dense_bytes for x in sent], 100, '.1f')}% | {ms(cap, fmt='.3f')} | {ms(resid, fmt='.3f')} | {div}/{len(SEEDS)} |"
+            f"{ms([x / dense_bytes for x in sent], 100, '.1f')}% | {ms([x / dense_bytes for x in mean_sent], 100, '.1f')}% | {ms(cap, fmt='.3f')} | {ms(resid, fmt='.3f')} | {div}/{len(SEEDS)} |"
         )
     import matplotlib
 

@@ -90,7 +90,7 @@ def mapa_sets(k: int, lr: float) -> dict:
 
 
 def _jobs(args) -> Jobs:
-    return Jobs(CONFIG, {"federation.eval_every": 10}, args.workers)
+    return Jobs(CONFIG, {"federation.eval_every": 10}, args.workers, args.deadline)
 
 
 def tuned(args) -> dict[int, tuple[float, float]]:
@@ -290,8 +290,8 @@ def centralised(args) -> None:
     fs = summary(RUNS / "central" / f"fedavg-e{args.epochs}")
     body = f"""One client holding all 60,000 training images (IID), SGD momentum 0.9, batch 32, {args.epochs} epochs, seed 0, accuracy on
 the 10,000 test images. MAPA draws a fresh A each round: a round is one epoch (the paper's "randomization at each training
-epoch"), or {', '.join(str(n) for n in args.central_steps)} steps (more subspaces in the same number of steps; not the paper's
-wording). Chance is 10%. Full training (FedAvg with one client, i.e. plain SGD, lr 0.01, same epochs) reached
+epoch"){f", or every {', '.join(str(n) for n in args.central_steps)} steps (more subspaces in the same number of steps; not the paper's wording)" if args.central_steps else ""}.
+Chance is 10%. Full training (FedAvg with one client, i.e. plain SGD, lr 0.01, same epochs) reached
 {100 * fs['best_accuracy']:.2f}%.
 
 {chr(10).join(lines)}
@@ -310,6 +310,7 @@ def main() -> None:
     ap.add_argument("--central-eff", type=float, nargs="+", default=[0.0003, 0.001, 0.01])
     ap.add_argument("--central-steps", type=int, nargs="*", default=[50], help="centralised: also refresh A every n steps")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--deadline", type=float, default=0, help="seconds after which no new run starts (a report of what has finished)")
     args = ap.parse_args()
     if args.cmd in ("fig6", "table2", "all"):
         k, lr = fig6(args)
