@@ -15,7 +15,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[dev,flower,hf]"
+	$(PY) -m pip install --quiet -e ".[dev,flower,hf,tracking]"
 	touch $(STAMP)
 
 demo: setup

@@ -49,7 +49,10 @@ def test_run_writes_a_complete_run_folder(config, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["--quiet", "run", str(config), "--out", str(out), "--set", "federation.rounds=7"]) == 0
     assert "best accuracy" in capsys.readouterr().out
-    metrics = _lines(out / "metrics.jsonl")
+    initial, *metrics = _lines(out / "metrics.jsonl")
+    # round 0: the initial model, before anything was sent (the curves' first point)
+    assert initial["round"] == 0 and initial["initial"] and initial["cum_uplink_bytes"] == initial["cum_downlink_bytes"] == 0
+    assert 0 <= initial["accuracy"] < 0.5 and initial["loss"] > 0
     assert [m["round"] for m in metrics] == [2, 4, 6, 7]  # every 2nd round and the last
     for m in metrics:
         assert METRIC_KEYS <= set(m)
@@ -203,8 +206,8 @@ def test_run_accepts_pfedlora_and_reports_personal_accuracy(config, tmp_path, va
     assert summary["algorithm_options"]["variant"] == variant
     assert 0 <= summary["final_personal_accuracy"] <= 1
     assert summary["uplink_vs_fedavg"] > 0.9  # pFedLoRA shares the full model
-    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    assert all(l["personal_accuracy"] is not None for l in lines)
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()][1:]  # after round 0's line
+    assert lines and all(l["personal_accuracy"] is not None for l in lines)
 
 
 def test_a_diverging_run_stops_with_a_clear_status(config, tmp_path, capsys):

@@ -67,6 +67,14 @@ ALGORITHMS = {
 }
 
 
+
+def _trained_lines(run):
+    """metrics.jsonl after its round-0 line (the initial model, as the simulator writes it)."""
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["round"] == 0 and lines[0]["initial"] and lines[0]["cum_uplink_bytes"] == 0
+    return lines[1:]
+
+
 def _cfg(tmp_path: Path, overrides=(), name="tiny.toml"):
     """The tiny experiment with ``overrides``, written to a file (for the command line) and parsed."""
     path = tmp_path / name
@@ -306,7 +314,7 @@ def test_deployment_ends_with_the_simulators_model(deployment, tmp_path, label):
     assert fl["failed_client_rounds"] == 0 and fl["skipped_rounds"] == []
     if label == "pfedloru":
         assert fl["final_personal_accuracy"] == pytest.approx(sim["final_personal_accuracy"], abs=1e-9)
-    lines = [json.loads(x) for x in (tmp_path / "fl" / "metrics.jsonl").read_text().splitlines()]
+    lines = _trained_lines(tmp_path / "fl")
     assert [m["round"] for m in lines] == [1, 2]
     assert all(m["flower_uplink_bytes"] > 0 and m["failed_clients"] == 0 for m in lines)
 
@@ -372,7 +380,7 @@ def test_a_supernode_killed_mid_run_does_not_stop_the_run(tmp_path):
     assert s["failed_client_rounds"] == 2
     assert sum(s["failure_reasons"].values()) == 2
     assert set(s["failure_reasons"]) == {"node unavailable"}, s["failure_examples"]
-    lines = [json.loads(x) for x in (tmp_path / "fl" / "metrics.jsonl").read_text().splitlines()]
+    lines = _trained_lines(tmp_path / "fl")
     assert [m["failed_clients"] for m in lines] == [0, 1, 1]
     assert [m["num_clients"] for m in lines] == [2, 1, 1]
     assert s["skipped_rounds"] == []
@@ -389,7 +397,7 @@ def test_too_few_replies_skip_the_round_and_keep_the_model(tmp_path):
 
         s = run_flower(cfg, tmp_path / "fl", superlink=dep.address, insecure=True, on_metrics=on_metrics, timeout=900)
     assert s["status"] == "completed" and s["skipped_rounds"] == [2]
-    lines = [json.loads(x) for x in (tmp_path / "fl" / "metrics.jsonl").read_text().splitlines()]
+    lines = _trained_lines(tmp_path / "fl")
     assert lines[1]["accuracy"] == lines[0]["accuracy"] and lines[1]["skipped"]  # the model did not change
 
 
@@ -401,7 +409,7 @@ def test_bad_uploads_from_a_supernode_are_dropped_and_counted(tmp_path):
     assert s["status"] == "completed", s.get("error")
     assert s["failed_client_rounds"] == 2 and s["failure_reasons"] == {"bad upload": 2}
     assert "non-finite" in s["failure_examples"]["bad upload"]
-    lines = [json.loads(x) for x in (tmp_path / "fl" / "metrics.jsonl").read_text().splitlines()]
+    lines = _trained_lines(tmp_path / "fl")
     assert [m["rejected_uploads"] for m in lines] == [1, 1] and all(m["accuracy"] > 0.2 for m in lines)
 
 
@@ -496,7 +504,7 @@ def test_flower_simulation_ends_with_the_simulators_model(ray_cluster, tmp_path,
     if sim["execution"] == "vectorized":  # every train message with clients trained them as one cohort, as the simulator trained its rounds
         assert sim["cohort_rounds"] == 2
         assert fl["cohort_messages"] == sum(len({c % 2 for c in r["clients"]}) for r in map(json.loads, (tmp_path / "fl" / "rounds.jsonl").read_text().splitlines()))
-    assert [json.loads(x)["round"] for x in (tmp_path / "fl" / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert [m["round"] for m in _trained_lines(tmp_path / "fl")] == [1, 2]
 
 
 # A ClientApp around rankfed's that, on virtual SuperNode 1's train message of round 2, says
@@ -567,7 +575,7 @@ def test_a_ray_worker_killed_mid_run_costs_its_clients_that_round(tmp_path):
     assert s["rounds"] == 3 and s["simulation"]["ray_address"] is None
     assert s["failed_client_rounds"] == 1 and s["failure_reasons"] == {"error": 1}, s["failure_examples"]
     assert "round 2, client 1" in s["failure_examples"]["error"]
-    lines = [json.loads(x) for x in (tmp_path / "fl" / "metrics.jsonl").read_text().splitlines()]
+    lines = _trained_lines(tmp_path / "fl")
     assert [m["failed_clients"] for m in lines] == [0, 1, 0]
     assert [m["num_clients"] for m in lines] == [2, 1, 2]
     assert len(started) >= 3  # the child, Ray's own processes, its workers

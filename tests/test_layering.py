@@ -3,7 +3,7 @@
 Layers, lowest first (a module may import its own layer's group and any lower layer):
 
     errors, checks, wire -> local -> data, models -> protocol -> compress, lowrank -> algorithms
-    -> server -> sim | flower | ddp -> analysis, plot -> federation -> app -> rankfed (front door)
+    -> server -> sim | flower | ddp -> analysis, plot, tracking -> federation -> app -> rankfed (front door)
 
 Every import counts, function-level ones included (the test parses the source, it does not
 import it).
@@ -35,6 +35,7 @@ LAYERS = {
     "rankfed.ddp": (7, "ddp"),
     "rankfed.analysis": (8, "analysis"),
     "rankfed.plot": (8, "plot"),
+    "rankfed.tracking": (8, "tracking"),
     "rankfed.federation": (9, "federation"),
     "rankfed.app": (10, "app"),
     "rankfed.__main__": (11, "front"),

@@ -91,6 +91,35 @@ def test_one_sgd_step_on_b_matches_autograd_through_the_factorisation(k):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_stateful_and_stateless_give_the_same_global_model_with_batchnorm():
+    """A model with BatchNorm: its running statistics travel beside B. A stateful client that
+    left them out of ``sync`` would train from stale statistics; the global models (statistics
+    included) must match the stateless run's, and so must the replica the clients hold."""
+    clients, test = _data(n_clients=6)
+    cfg = LocalTraining(lr=0.3, momentum=0.5, batch_size=6)
+
+    def bn_model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.Tanh(), nn.Linear(7, 3))
+
+    sims = {}
+    for kind in ("stateful", "stateless"):
+        sims[kind] = _sim(get_algorithm("mapa", {"k": 8}), clients, test, cfg, kind, rounds=4, per_round=2, model=bn_model())
+        sims[kind].run()
+    sf, sl = _state(sims["stateful"]), _state(sims["stateless"])
+    assert {"1.running_mean", "1.running_var", "1.num_batches_tracked"} <= set(sl)
+    start = bn_model().state_dict()
+    assert not torch.allclose(sl["1.running_mean"], start["1.running_mean"])  # the statistics moved
+    for name, value in sl.items():
+        torch.testing.assert_close(sf[name], value, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+    from rankfed.wire import decode, encode
+
+    sim = sims["stateful"]
+    sim.client.sync(decode(encode(sim.server.broadcast(5))), sim.replica)
+    for name in ("1.running_mean", "1.running_var"):
+        torch.testing.assert_close(sim.replica[name], sf[name], rtol=1e-5, atol=1e-6)
+
+
 def test_stateful_and_stateless_train_the_same_model_and_differ_only_in_bytes():
     clients, test = _data(n_clients=6)
     cfg = LocalTraining(lr=0.3, momentum=0.5, batch_size=6)

@@ -393,6 +393,65 @@ def test_decode_shape_overflowing_64_bits_is_a_wire_error():
         decode(OVERFLOWING_SHAPE)
 
 
+def test_zero_element_tensor_whose_shape_strides_overflow_is_a_wire_error():
+    # the 4-in-20,000 mutation that leaked torch's "Stride calculation overflowed": an empty
+    # tensor (one dimension 0) whose other dimensions multiply past 2**63
+    raw = bytearray(encode({"e": torch.empty(0, 1, 1, 1)}))
+    dims_at = len(raw) - 16  # four u32 dimensions, no data
+    assert struct.unpack("<4I", raw[dims_at:]) == (0, 1, 1, 1)
+    raw[dims_at:] = struct.pack("<4I", 0, 2**32 - 1, 2**32 - 1, 2**32 - 1)
+    with pytest.raises(WireError, match="strides overflow"):
+        decode(bytes(raw))
+    ok = bytearray(raw)
+    ok[dims_at:] = struct.pack("<4I", 0, 2**20, 2**20, 7)  # large but representable: decodes, empty
+    assert decode(bytes(ok))["e"].shape == (0, 2**20, 2**20, 7)
+
+
+def _mutations(raw: bytes, rng) -> list[bytes]:
+    """Bit flips, byte overwrites, truncations, insertions, deletions and splices of ``raw``."""
+    out = []
+    b = bytearray(raw)
+    i = int(rng.integers(len(b)))
+    flipped = bytearray(b)
+    flipped[i] ^= 1 << int(rng.integers(8))
+    out.append(bytes(flipped))
+    over = bytearray(b)
+    for j in rng.integers(len(b), size=int(rng.integers(1, 4))):
+        over[int(j)] = int(rng.integers(256))
+    out.append(bytes(over))
+    out.append(bytes(b[: int(rng.integers(len(b)))]))
+    at = int(rng.integers(len(b) + 1))
+    out.append(bytes(b[:at] + rng.integers(256, size=int(rng.integers(1, 9))).astype("uint8").tobytes() + b[at:]))
+    lo = int(rng.integers(len(b)))
+    out.append(bytes(b[:lo] + b[lo + int(rng.integers(1, 9)) :]))
+    out.append(bytes(b[:at] + b[int(rng.integers(len(b))) :]))  # a splice of the payload with itself
+    out.append(rng.integers(256, size=int(rng.integers(0, 64))).astype("uint8").tobytes())  # random bytes
+    out.append(MAGIC + rng.integers(256, size=int(rng.integers(0, 64))).astype("uint8").tobytes())
+    return out
+
+
+def test_mutation_fuzz_of_valid_payloads_raises_only_wire_error():
+    """20,000+ mutated valid payloads (empty and small tensors of every dtype, scalars,
+    strings): decode returns a payload or raises WireError, never another exception."""
+    import numpy as np
+
+    rng = np.random.default_rng(20)
+    bases = [
+        {"e": torch.empty(0, 3), "w": torch.ones(2, 2)},
+        {"z": torch.empty(3, 0, 2, dtype=torch.bool), "i": 7, "s": "ok"},
+        {"b": torch.zeros(0, dtype=torch.bfloat16), "f": 1.5, "t": True},
+        {"@round": 3, "x": torch.arange(6, dtype=torch.int64).reshape(1, 2, 3), "h": torch.ones(4, dtype=torch.float16)},
+        {"k": torch.empty(0, 0, 0, 0, 0, 0, 0, 0, dtype=torch.uint8)},
+    ]
+    raws = [encode(p) for p in bases]
+    tried = 0
+    for n in range(2600):
+        for m in _mutations(raws[n % len(raws)], rng):
+            _decode_or_wire_error(m)
+            tried += 1
+    assert tried >= 20000
+
+
 # --------------------------------------------------------------------------- 4. Flower records
 
 flower_payloads = st.dictionaries(names.filter(lambda n: not n.startswith("@names")), st.one_of(tensors(), scalars), max_size=6)

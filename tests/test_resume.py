@@ -72,7 +72,12 @@ def test_resume_errors_are_clear(tmp_path, capsys):
     cfg = load_config(None, ["task.model_options={hidden=[16]}", "federation.rounds=2", "federation.resume_every=0"])
     run_experiment(cfg, tmp_path / "done")
     assert main(["-q", "run", "--resume", str(tmp_path / "done")]) == 2
-    assert "no resume.pt" in capsys.readouterr().err
+    assert "the run is complete" in capsys.readouterr().err
+    # killed before its first resume point: said so, with the command that starts it again
+    (tmp_path / "done" / "summary.json").unlink()
+    assert main(["-q", "run", "--resume", str(tmp_path / "done")]) == 2
+    err = capsys.readouterr().err
+    assert "before its first resume point" in err and "--overwrite" in err and str(tmp_path / "done" / "config.toml") in err
     assert main(["-q", "run", "--resume", str(tmp_path / "done"), "--set", "federation.rounds=3"]) == 2
     assert "give no CONFIG" in capsys.readouterr().err
     # a file that is not this run's saved state is refused, as is garbage

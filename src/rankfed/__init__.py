@@ -18,11 +18,11 @@ Algorithms (one class each, their fields the options): :class:`FedAvg`, :class:`
 on a Flower deployment; :mod:`rankfed.ddp` holds the data-parallel compression hooks.
 """
 
-from rankfed import compress
+from rankfed import compress, tracking
 from rankfed._version import __version__
 from rankfed.algorithms import FALoRA, MAPA, Algorithm, FedAvg, FedHM, FedLoRA, FedLoRU, MFedLoRU, PFedLoRA, PFedLoRU
 from rankfed.errors import ConfigError, Diverged
-from rankfed.federation import Comparison, Federation, Result, compare
+from rankfed.federation import Comparison, Federation, Result, compare, compare_runs
 from rankfed.local import ClientData, LocalTraining, Task, TrainStats
 from rankfed.lowrank.peft_lora import save_peft
 from rankfed.protocol import ClientContext
@@ -32,6 +32,8 @@ __all__ = [
     "Federation",
     "Result",
     "compare",
+    "compare_runs",
+    "tracking",
     "Comparison",
     "LocalTraining",
     "Task",

@@ -34,7 +34,7 @@ from rankfed.protocol import RunContext
 from rankfed.server import CLIENT_STATE_DIR, RESUME_FILE, Experiment, RoundRecord, RunFolder, RunOptions, summarize
 from rankfed.sim import Simulator
 
-__all__ = ["Federation", "Result", "Comparison", "compare", "resolve_device"]
+__all__ = ["Federation", "Result", "Comparison", "compare", "compare_runs", "resolve_device", "resolve_threads", "run_state"]
 
 _MAX_SEED = 2**32 - 1
 MB = 1e6
@@ -270,6 +270,8 @@ class Federation:
         resume: bool = False,
         on_round: Callable[[RoundRecord], None] | None = None,
         command: str | None = None,
+        callbacks: Sequence[Any] = (),
+        threads: int | None = None,
         **run_options,
     ) -> Result:
         """Run the federation in the in-process simulator.
@@ -282,10 +284,17 @@ class Federation:
             resume: continue the interrupted run in ``out`` from its last saved state
                 (``resume_every``); it ends exactly as the uninterrupted run would have.
             on_round: called with each round's record (progress bars, logging).
-            command: recorded in the summary (the command line that asked for the run).
+            command: recorded in the summary (the command line that asked for the run; a
+                resumed run keeps the first one and lists its own under ``resume_commands``).
+            callbacks: objects with ``on_run_start(exp, path, start_round)``,
+                ``on_round(record)`` and ``on_run_end(summary, path)`` (see
+                :class:`rankfed.tracking.Callback`: TensorBoard, MLflow).
+            threads: torch intra-op threads for the run (default: the cores this process may
+                use, ``os.sched_getaffinity``); recorded in the summary, since results depend on it.
             **run_options: see :class:`~rankfed.server.RunOptions` (``eval_every``,
                 ``client_kind``, ``checkpoint_every``, ``resume_every``, ``execution``, ...).
         """
+        threads = resolve_threads(threads)
         state = None
         if resume:
             if out is None:
@@ -306,7 +315,19 @@ class Federation:
             folder = RunFolder(out, overwrite=overwrite) if out is not None else None
             if folder:
                 folder.write_text("config.toml", exp.config_text)
-        return _drive(sim, exp, folder, state, on_round, command)
+        return _drive(sim, exp, folder, state, on_round, command, callbacks=callbacks, threads=threads)
+
+
+def resolve_threads(threads: int | None, key: str = "threads") -> int:
+    """``threads`` as a count: None or 0 is the cores this process may use."""
+    if threads is None or threads == 0:
+        try:
+            return len(os.sched_getaffinity(0))
+        except AttributeError:  # macOS, Windows
+            return os.cpu_count() or 1
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+        raise bad(key, threads, "must be an int >= 1 (0: the cores available to the process)")
+    return threads
 
 
 def _is_dataset(obj: Any) -> bool:
@@ -341,24 +362,54 @@ def _load_resume(folder: RunFolder, out) -> dict:
         raise ConfigError(f"{state_file}: not a readable resume state ({type(e).__name__}: {e})") from None
 
 
-def _save_resume(folder: RunFolder, sim: Simulator, exp: Experiment, wall_s: float) -> None:
+def _save_resume(folder: RunFolder, sim: Simulator, exp: Experiment, wall_s: float, commands: list) -> None:
     """``resume.pt``, written atomically (a kill mid-write leaves the last one)."""
     tmp = folder.path / f".{RESUME_FILE}.tmp"
-    torch.save(sim.state_dict(exp.config_text, wall_s), tmp)
+    torch.save(sim.state_dict(exp.config_text, wall_s) | {"commands": commands}, tmp)
     os.replace(tmp, folder.path / RESUME_FILE)
 
 
-def _drive(sim: Simulator, exp: Experiment, folder: RunFolder | None, state: dict | None, on_round, command) -> Result:
-    """Run ``sim`` to the end (from ``state`` if resuming), writing ``folder``; the Result."""
+def _drive(sim: Simulator, exp: Experiment, folder: RunFolder | None, state: dict | None, on_round, command, *, callbacks: Sequence[Any] = (), threads: int = 1) -> Result:
+    """Run ``sim`` to the end (from ``state`` if resuming) on ``threads`` torch threads, writing
+    ``folder`` and telling ``callbacks``; the Result."""
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    path = folder.path if folder else None
+    started: list = []
+    try:
+        result = _drive_on(sim, exp, folder, state, on_round, command, callbacks, started, threads)
+    except BaseException as e:
+        status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+        for cb in started:  # every tracker that saw the start hears how it ended
+            try:
+                cb.on_run_end({"status": status, "error": f"{type(e).__name__}: {e}"}, path)
+            except Exception as cb_error:  # noqa: BLE001 - the run's own error is the one to raise
+                warnings.warn(f"{type(cb).__name__}.on_run_end failed: {cb_error}", stacklevel=2)
+        raise
+    finally:
+        torch.set_num_threads(previous_threads)
+    for cb in callbacks:
+        cb.on_run_end(result.summary, path)
+    return result
+
+
+def _drive_on(sim: Simulator, exp: Experiment, folder: RunFolder | None, state: dict | None, on_round, command, callbacks, started: list, threads: int) -> Result:
     opts = exp.options
     start, wall0 = 1, 0.0
+    commands = [command]
     if state is not None:
         sim.load_state_dict(state)
         start, wall0 = state["round"] + 1, state["wall_s"]
+        commands = [*state.get("commands", [None]), command]
     t0 = time.perf_counter() - wall0
     every, save_every = opts.checkpoint_every, opts.resume_every
     if folder and every and state is None:
         folder.save_checkpoint(0, sim.server.global_model_state())
+    if folder and state is None:  # the curves' round-0 point: the initial model
+        folder.write_initial_evaluation(sim.evaluator.measure(sim.server.global_model_state()))
+    for cb in callbacks:
+        cb.on_run_start(exp, folder.path if folder else None, start)
+        started.append(cb)
 
     def _on_round(rec: RoundRecord) -> None:
         if folder:
@@ -366,7 +417,9 @@ def _drive(sim: Simulator, exp: Experiment, folder: RunFolder | None, state: dic
             if every and (rec.round % every == 0 or rec.round == opts.rounds):
                 folder.save_checkpoint(rec.round, sim.server.global_model_state())
             if save_every and rec.round % save_every == 0 and rec.round < opts.rounds:
-                _save_resume(folder, sim, exp, time.perf_counter() - t0)
+                _save_resume(folder, sim, exp, time.perf_counter() - t0, commands)
+        for cb in callbacks:
+            cb.on_round(rec)
         if on_round:
             on_round(rec)
 
@@ -377,16 +430,19 @@ def _drive(sim: Simulator, exp: Experiment, folder: RunFolder | None, state: dic
         history, diverged = sim.history, e
     finally:
         sim.close()
-    summary = summarize(exp, history, time.perf_counter() - t0, command)
+    summary = summarize(exp, history, time.perf_counter() - t0, commands[0])
+    if len(commands) > 1:
+        summary["resume_commands"] = commands[1:]
     summary["status"] = "completed" if diverged is None else "diverged"
     summary["execution"] = sim.execution
+    summary["threads"] = threads
     summary["cohort_rounds"] = sim.cohort_rounds  # rounds trained as vectorised cohorts (this process)
     if state is not None:
         summary["resumed_from_round"] = start - 1
     if diverged is not None:
         summary["diverged_at_round"] = diverged.round
         summary["diverged"] = str(diverged)
-        warnings.warn(f"{diverged}; the run stopped there", stacklevel=3)
+        warnings.warn(f"{diverged}; the run stopped there", stacklevel=4)
     global_state = sim.server.global_model_state()
     if folder:
         torch.save(global_state, folder.path / "model.pt")
@@ -479,15 +535,101 @@ class Comparison:
         return self.markdown()
 
 
-def write_comparison(out: Path, labels: Sequence[str], rows: list[dict], title: str | None) -> None:
-    """comparison.json, comparison.md and comparison.png in ``out`` (the runs are ``out/<label>``)."""
+COMPARE_FILE = "compare.json"  # a compare folder's labels, title and command, written at its start
+
+
+def run_state(path: str | os.PathLike) -> str:
+    """Where the run folder ``path`` stands: ``"done"`` (its summary.json written), ``"resumable"``
+    (a resume.pt left by an interrupted run), ``"unfinished"`` (killed before its first resume
+    point) or ``"new"`` (no folder, or an empty one)."""
+    path = Path(path)
+    if (path / RESUME_FILE).is_file():
+        return "resumable"
+    if (path / "summary.json").is_file():
+        return "done"
+    if path.is_dir() and any(path.iterdir()):
+        return "unfinished"
+    return "new"
+
+
+def open_compare_folder(out: str | os.PathLike, labels: Sequence[str], *, resume: bool, overwrite: bool, record: Mapping | None = None) -> dict:
+    """Start the compare folder ``out`` (``compare.json`` holds ``labels`` and ``record``) or, with
+    ``resume``, read it back: the labels must be the ones it was started with."""
+    import json
+
+    out = Path(out)
+    file = out / COMPARE_FILE
+    if resume:
+        if not file.is_file():
+            raise FileNotFoundError(f"{str(out)!r} is not a compare folder to resume (no {COMPARE_FILE}; it was started by an older rankfed, or not by compare)")
+        saved = json.loads(file.read_text(encoding="utf-8"))
+        if list(saved.get("labels", [])) != list(labels):
+            raise ConfigError(f"{str(out)!r} compared {saved.get('labels')}, not {list(labels)}: resume it with the same algorithms, or start a new folder")
+        return saved
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"output folder {str(out)!r} exists and is not empty (pass --overwrite to replace it, or --resume to continue it)")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    saved = {"labels": list(labels), **dict(record or {})}
+    tmp = out / f".{COMPARE_FILE}.tmp"
+    tmp.write_text(json.dumps(saved, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, file)
+    return saved
+
+
+def read_summary(run: str | os.PathLike) -> dict:
+    """A finished run folder's summary.json (an error naming the file if it is missing or unreadable)."""
+    import json
+
+    file = Path(run) / "summary.json"
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{str(file)!r} does not exist: the run did not finish (resume it, or leave it out)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{str(file)!r}: not a readable summary ({e})") from None
+
+
+def write_comparison(out: Path, runs: Sequence[str | os.PathLike], rows: list[dict], title: str | None) -> None:
+    """comparison.json, comparison.md and comparison.png in ``out``, of the run folders ``runs``."""
     import json
 
     from rankfed.plot import plot_runs
 
+    out.mkdir(parents=True, exist_ok=True)
     (out / "comparison.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
     (out / "comparison.md").write_text(comparison_markdown(rows), encoding="utf-8")
-    plot_runs([out / label for label in labels], out / "comparison.png", title=title)
+    plot_runs([Path(r) for r in runs], out / "comparison.png", title=title)
+
+
+def compare_runs(runs: Sequence[str | os.PathLike], out: str | os.PathLike | None = None, *, title: str | None = None) -> list[dict]:
+    """The comparison table (and, with ``out``, comparison.md / .json / .png) of finished run
+    folders, from their summary.json and metrics.jsonl (what ``rankfed compare --from`` does).
+    A compare folder stands for the runs in it. Labels are the folder names (parent/name where
+    two share a name)."""
+    from rankfed.plot import find_runs, run_labels
+
+    found = find_runs(list(runs))
+    summaries = {label: read_summary(run) for label, run in zip(run_labels(found), found)}
+    rows = comparison_rows(summaries)
+    if out is not None:
+        write_comparison(Path(out), found, rows, title)
+    return rows
+
+
+def _result_from_folder(path: Path, fed: Federation) -> Result:
+    """The Result of a finished run, read back from its folder (a resumed comparison keeps it)."""
+    from rankfed.plot import read_metrics
+
+    summary = read_summary(path)
+    model = fed.initial_model()
+    try:
+        model.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
+    except (FileNotFoundError, RuntimeError) as e:
+        raise ConfigError(f"{str(path)!r}: its model.pt does not fit this federation's model ({type(e).__name__}: {e}); rerun it with overwrite") from None
+    history = [r for r in read_metrics(path, allow_empty=True) if r.get("round", 0) > 0]
+    return Result(history, model, {"uplink": summary["total_uplink_bytes"], "downlink": summary["total_downlink_bytes"]}, summary, path, [])
 
 
 def compare(
@@ -498,9 +640,13 @@ def compare(
     clients_per_round: int | None = None,
     out: str | Path | None = None,
     overwrite: bool = False,
+    resume: bool = False,
     title: str | None = None,
     on_round: Callable[[str, RoundRecord], None] | None = None,
+    on_kept: Callable[[str, Path], None] | None = None,
     command: str | None = None,
+    callbacks: Sequence[Any] = (),
+    threads: int | None = None,
     **run_options,
 ) -> Comparison:
     """Run ``federation`` under each of ``algorithms`` (``{label: algorithm}``, ``{label:
@@ -510,21 +656,40 @@ def compare(
     With ``out``: each run in ``out/<label>``, and ``comparison.md`` / ``.json`` / ``.png`` (best
     accuracy, bytes, the client kind and the broadcast share of each run's downlink, and
     communication relative to the plain FedAvg run among them) beside them.
+
+    ``resume``: continue the comparison interrupted in ``out``: finished runs are kept (read
+    back from their folders; ``on_kept(label, path)`` is told), an interrupted run continues
+    from its resume.pt, one killed before its first resume point starts again. ``callbacks``
+    (trackers) get every run; ``threads``: see :meth:`Federation.run`.
     """
     if not algorithms:
         raise ConfigError("compare: give at least one algorithm")
     out_path = Path(out) if out is not None else None
-    if out_path is not None and out_path.exists() and any(out_path.iterdir()) and not overwrite:
-        raise FileExistsError(f"output folder {str(out_path)!r} exists and is not empty (pass --overwrite to replace it)")
+    if resume and out_path is None:
+        raise ConfigError("compare: resume needs the compare folder (out=...)")
     feds = {}
     for label, spec in algorithms.items():
         algo, local = spec if isinstance(spec, tuple) else (spec, None)
         feds[label] = spec if isinstance(spec, Federation) else federation.with_algorithm(algo, local)
+    threads = resolve_threads(threads)
+    if out_path is not None:
+        open_compare_folder(out_path, list(feds), resume=resume, overwrite=overwrite, record={"title": title, "rounds": rounds, "command": command})
     results = {}
     for label, fed in feds.items():
         report = (lambda rec, label=label: on_round(label, rec)) if on_round else None
-        results[label] = fed.run(rounds, clients_per_round, out_path / label if out_path else None, overwrite=True, on_round=report, command=command, **run_options)
+        run_out = out_path / label if out_path else None
+        where = run_state(run_out) if resume else "new"
+        if where == "done":
+            kept = _result_from_folder(run_out, fed)
+            expected = fed.experiment(rounds, clients_per_round, **run_options).config_text
+            if (run_out / "config.toml").read_text(encoding="utf-8") != expected:
+                raise ConfigError(f"{str(run_out)!r} was run with another configuration than this comparison's {label!r}: resume with the same federation, or start anew with overwrite")
+            results[label] = kept
+            if on_kept:
+                on_kept(label, run_out)
+            continue
+        results[label] = fed.run(rounds, clients_per_round, run_out, overwrite=True, resume=where == "resumable", on_round=report, command=command, callbacks=callbacks, threads=threads, **run_options)
     rows = comparison_rows({label: r.summary for label, r in results.items()})
     if out_path is not None:
-        write_comparison(out_path, list(results), rows, title)
+        write_comparison(out_path, [out_path / label for label in results], rows, title)
     return Comparison(rows, results, out_path)

@@ -141,6 +141,9 @@ def tensor_bytes(payload: Mapping[str, object]) -> int:
     return sum(v.numel() * v.element_size() for v in payload.values() if isinstance(v, torch.Tensor))
 
 
+_MAX_NDIM = 64  # more dimensions than any tensor rankfed sends; torch itself refuses past 64
+
+
 class _Reader:
     def __init__(self, data: bytes | bytearray | memoryview):
         self.buf = memoryview(data)
@@ -180,13 +183,22 @@ def decode(data: bytes | bytearray | memoryview) -> Payload:
                 raise WireError(f"unknown dtype code {code} for entry {name!r}")
             dtype = _DTYPES[code]
             shape = r.unpack(f"<{ndim}I")
+            if ndim > _MAX_NDIM:
+                raise WireError(f"entry {name!r}: {ndim} dimensions (at most {_MAX_NDIM})")
+            # strides multiply every non-zero dimension, even when one is 0 and the tensor empty:
+            # a shape whose strides overflow int64 is refused here, before torch is asked
+            if math.prod(max(d, 1) for d in shape) >= 2**63:
+                raise WireError(f"entry {name!r}: shape {list(shape)} is too large (its strides overflow 64 bits)")
             numel = math.prod(shape)  # Python ints: no overflow; take() refuses what is not there
             raw = r.take(numel * _ITEMSIZE[dtype])
             if dtype == torch.bfloat16:
                 t = torch.frombuffer(raw, dtype=torch.int16, count=numel).view(torch.bfloat16) if numel else torch.empty(0, dtype=dtype)
             else:
                 t = torch.frombuffer(raw, dtype=dtype, count=numel) if numel else torch.empty(0, dtype=dtype)
-            out[name] = t.reshape(shape)
+            try:
+                out[name] = t.reshape(shape)
+            except RuntimeError as e:  # anything torch still refuses is a malformed payload
+                raise WireError(f"entry {name!r}: shape {list(shape)} cannot be built ({e})") from None
         elif kind == _KIND_INT:
             out[name] = r.unpack("<q")[0]
         elif kind == _KIND_FLOAT:

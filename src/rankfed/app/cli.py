@@ -3,6 +3,8 @@
     rankfed run CONFIG.toml [--out DIR] [--set section.key=value ...]
     rankfed run --resume RUN_DIR
     rankfed compare CONFIG.toml --algorithms fedavg,... [--out DIR]
+    rankfed compare --resume COMPARE_DIR
+    rankfed compare --from RUN_DIR [RUN_DIR ...] [--out DIR]
     rankfed demo [--out DIR]
     rankfed plot DIR [DIR ...] [--out FILE.png]
     rankfed ddp CONFIG.toml --workers N --compressor greedylore [--rank R] [--warmup W] [--update-gap G]
@@ -119,21 +121,83 @@ def comparison_table(rows: list[dict], title: str) -> Table:
     return t
 
 
-def _compare(cfg: ExperimentConfig, algorithms: list[str], out: Path, console: Console, quiet: bool, overwrite: bool, title: str) -> list[dict]:
+def _compare(cfg: ExperimentConfig, algorithms: list[str], out: Path, console: Console, quiet: bool, overwrite: bool, title: str, resume: bool = False) -> list[dict]:
+    """Run (or, with ``resume``, continue) a comparison in ``out``: ``compare.json`` records the
+    config, labels, title and command at the start, so ``rankfed compare --resume OUT`` needs
+    nothing else; finished runs are kept, an interrupted one continues from its resume.pt."""
+    from rankfed.app.config import to_toml
     from rankfed.app.experiment import load_task_data
-    from rankfed.federation import baseline_note, comparison_rows, write_comparison
+    from rankfed.federation import open_compare_folder, read_summary, run_state
 
     variants = {label: cfg.with_algorithm(label) for label in algorithms}  # checks every label first
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"output folder {str(out)!r} exists and is not empty (pass --overwrite to replace it)")
-    dataset = None if is_import_path(cfg.task.dataset) else load_task_data(cfg)  # loaded once, shared by every run
-    summaries = {label: _run_one(v, out / label, console, quiet, True, label, dataset) for label, v in variants.items()}
+    open_compare_folder(out, algorithms, resume=resume, overwrite=overwrite, record={"title": title, "command": _command(), "config": to_toml(cfg)})
+    dataset = None
+    summaries = {}
+    for label, v in variants.items():
+        where = run_state(out / label) if resume else "new"
+        if where == "done":
+            summaries[label] = read_summary(out / label)
+            if not quiet:
+                console.print(f"{label}: finished before, kept ({out / label})", highlight=False)
+            continue
+        if dataset is None and not is_import_path(cfg.task.dataset):
+            dataset = load_task_data(cfg)  # loaded once, shared by every run
+        summaries[label] = _run_one(v, out / label, console, quiet, True, label, dataset, resume=where == "resumable")
+    _show_comparison(out, [out / label for label in summaries], summaries, console, title)
+    return list(summaries.values())
+
+
+def _show_comparison(out: Path, runs: list[Path], summaries: dict, console: Console, title: str | None) -> None:
+    from rankfed.federation import baseline_note, comparison_rows, write_comparison
+
     rows = comparison_rows(summaries)
-    write_comparison(out, algorithms, rows, title)
-    console.print(comparison_table(rows, title))
+    write_comparison(out, runs, rows, title)
+    console.print(comparison_table(rows, title or "comparison"))
     console.print(baseline_note(rows), highlight=False)
-    console.print(f"runs, comparison.md and comparison.png in {out}", highlight=False)
-    return rows
+    console.print(f"comparison.md, comparison.json and comparison.png in {out}", highlight=False)
+
+
+def _compare_command(args: argparse.Namespace, console: Console, err: Console, hint: list) -> None:
+    """``rankfed compare``: a new comparison, ``--resume DIR`` or ``--from RUN_DIRS``."""
+    import json
+
+    from rankfed.app.config import tomllib
+    from rankfed.federation import COMPARE_FILE, read_summary
+    from rankfed.plot import find_runs, run_labels
+
+    if args.from_runs:
+        if args.config or args.algorithms or args.resume or args.overrides:
+            raise ConfigError("--from RUN_DIR ... tabulates finished runs: give no CONFIG, --algorithms, --set or --resume")
+        runs = find_runs(args.from_runs)
+        summaries = {label: read_summary(run) for label, run in zip(run_labels(runs), runs)}
+        out = Path(args.out or f"runs/compare-{_stamp()}")
+        _show_comparison(out, runs, summaries, console, args.title)
+        return
+    if args.resume:
+        if args.config or args.algorithms or args.overrides or args.out:
+            raise ConfigError("--resume COMPARE_DIR continues that comparison as it was started: give no CONFIG, --algorithms, --set or --out")
+        out = Path(args.resume)
+        file = out / COMPARE_FILE
+        if not file.is_file():
+            raise FileNotFoundError(f"--resume {args.resume!r}: not a compare folder to resume (no {COMPARE_FILE}; made by an older rankfed, or not by compare)")
+        saved = json.loads(file.read_text(encoding="utf-8"))
+        cfg = parse_config(tomllib.loads(saved["config"]))
+        hint[:] = [f"rankfed compare --resume {shlex.quote(str(out))}"]
+        _compare(cfg, saved["labels"], out, console, args.quiet, False, saved.get("title") or "comparison", resume=True)
+        return
+    if args.config is None or not args.algorithms:
+        raise ConfigError("rankfed compare: give an experiment file and --algorithms (or --resume COMPARE_DIR, or --from RUN_DIR ...)")
+    cfg = _with_threads(load_config(args.config, args.overrides), args)
+    out = Path(args.out or f"runs/compare-{_name(cfg.task.dataset)}-{_stamp()}")
+    hint[:] = [f"rankfed compare --resume {shlex.quote(str(out))}"]
+    _compare(cfg, _split_names(args.algorithms), out, console, args.quiet, args.overwrite, args.title or f"{cfg.task.dataset}: {args.algorithms}")
+
+
+def _with_threads(cfg: ExperimentConfig, args: argparse.Namespace) -> ExperimentConfig:
+    """``--threads N``: the config's ``federation.threads`` set to N."""
+    if getattr(args, "threads", None) is None:
+        return cfg
+    return dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, threads=args.threads))
 
 
 def _split_names(text: str) -> list[str]:
@@ -288,7 +352,7 @@ def _flower(args: argparse.Namespace, console: Console, err: Console) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rankfed", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="rankfed", description="rankfed: federated and data-parallel training with low-rank updates, every byte counted.")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -299,14 +363,23 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--out", help="output folder")
         sp.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
+    def threads(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--threads", type=int, metavar="N", help="torch threads for the run (federation.threads; default: the cores available to the process)")
+
     sp = sub.add_parser("run", help="run one experiment in the simulator")
     common(sp, optional_config=True)
+    threads(sp)
     sp.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last saved state (no CONFIG)")
-    sp = sub.add_parser("compare", help="run the same task with several algorithms and tabulate")
-    common(sp)
-    sp.add_argument("--algorithms", required=True, help="comma-separated algorithm names or [algorithms.<label>] variants, e.g. fedavg,mapa")
-    sp = sub.add_parser("demo", help="the embedded demo: six algorithms on digits, no download, about 15 s")
+    sp = sub.add_parser("compare", help="run the same task with several algorithms and tabulate (or tabulate finished runs: --from)")
+    common(sp, optional_config=True)
+    threads(sp)
+    sp.add_argument("--algorithms", help="comma-separated algorithm names or [algorithms.<label>] variants, e.g. fedavg,mapa")
+    sp.add_argument("--resume", metavar="COMPARE_DIR", help="continue an interrupted comparison: finished runs kept, an interrupted one resumed (no CONFIG)")
+    sp.add_argument("--from", dest="from_runs", nargs="+", metavar="RUN_DIR", help="rebuild the table and plot from finished run folders (or compare folders)")
+    sp.add_argument("--title", help="the table's and plot's title")
+    sp = sub.add_parser("demo", help="the embedded demo: six algorithms on digits, no download, under a minute on 2 cores")
     common(sp, config=False)
+    threads(sp)
     _ddp_parser(sub, common)
     sp = sub.add_parser("flower", help="run on a Flower deployment (local SuperLink + SuperNodes, or a running federation)")
     fsub = sp.add_subparsers(dest="flower_command", required=True)
@@ -357,7 +430,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", help="PNG file (default: plot.png in the first folder)")
     sp.add_argument("--bytes", choices=("total", "uplink", "downlink"), default="total", help="which bytes on the x axis")
     sp.add_argument("--title")
+    _quiet_everywhere(p)
     return p
+
+
+def _quiet_everywhere(parser: argparse.ArgumentParser) -> None:
+    """``-q`` after any subcommand too (``rankfed run -q X``), not only before it."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                sub.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS, help="no progress output")
+                _quiet_everywhere(sub)
 
 
 # rankfed ddp's flags, by DdpOptions field; None = not given (DdpOptions' default, or the resumed run's)
@@ -455,23 +538,26 @@ def main(argv: list[str] | None = None) -> int:
     # Off a terminal (logs, CI, pipes) rich would squeeze tables into 80 columns.
     console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
     err = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 160)
+    hint: list[str] = []  # the command that continues what an interrupt stops
     try:
         if args.command == "run":
             if args.resume:
-                if args.config or args.overrides or args.out:
-                    raise ConfigError("--resume RUN_DIR continues that run as it was configured: give no CONFIG, --set or --out")
+                if args.config or args.overrides or args.out or args.threads is not None:
+                    raise ConfigError("--resume RUN_DIR continues that run as it was configured: give no CONFIG, --set, --out or --threads")
                 out = Path(args.resume)
                 if not (out / "config.toml").is_file():
                     raise FileNotFoundError(f"--resume {args.resume!r}: not a run folder (no config.toml)")
                 text = (out / "config.toml").read_text(encoding="utf-8")
                 if text.startswith("# written by rankfed.Federation"):
                     raise ConfigError(f"--resume {args.resume!r}: this run was started from Python (rankfed.Federation); resume it from your script with Federation.run(..., out={str(out)!r}, resume=True)")
+                _check_resumable(out)
                 cfg = load_config(out / "config.toml")
             elif args.config is None:
                 raise ConfigError("rankfed run: give an experiment file (or --resume RUN_DIR)")
             else:
-                cfg = load_config(args.config, args.overrides)
+                cfg = _with_threads(load_config(args.config, args.overrides), args)
                 out = Path(args.out or f"runs/{_name(cfg.task.dataset)}-{cfg.algorithm.name}-{_stamp()}")
+            hint[:] = [f"rankfed run --resume {shlex.quote(str(out))}"]
             s = _run_one(cfg, out, err, args.quiet, args.overwrite, cfg.algorithm.name, resume=bool(args.resume))
             console.print(
                 f"{s['algorithm']}: best {_best(s)}; uplink {s['total_uplink_bytes'] / MB:.3f} MB, "
@@ -479,9 +565,7 @@ def main(argv: list[str] | None = None) -> int:
                 highlight=False,
             )
         elif args.command == "compare":
-            cfg = load_config(args.config, args.overrides)
-            out = Path(args.out or f"runs/compare-{_name(cfg.task.dataset)}-{_stamp()}")
-            _compare(cfg, _split_names(args.algorithms), out, console, args.quiet, args.overwrite, f"{cfg.task.dataset}: {args.algorithms}")
+            _compare_command(args, console, err, hint)
         elif args.command == "ddp":
             return _ddp(args, console, err)
         elif args.command == "analyze":
@@ -489,10 +573,16 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "flower":
             return _flower(args, console, err)
         elif args.command == "demo":
-            cfg = _demo_config()
+            import time
+
+            t0 = time.perf_counter()
+            cfg = _with_threads(_demo_config(), args)
             out = Path(args.out or f"runs/demo-{_stamp()}")
+            hint[:] = [f"rankfed compare --resume {shlex.quote(str(out))}"]
             names = list(cfg.algorithms) or [cfg.algorithm.name]
             _compare(cfg, names, out, console, args.quiet, args.overwrite, "rankfed demo: digits, 20 clients, Dirichlet(0.5)")
+            threads = cfg.federation.threads or _cores()
+            console.print(f"demo took {time.perf_counter() - t0:.1f} s on {threads} thread{'s' if threads != 1 else ''} (--threads N to change)", highlight=False)
         elif args.command == "plot":
             from rankfed.plot import find_runs, plot_runs
 
@@ -504,9 +594,31 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rankfed: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("rankfed: interrupted; the run folder keeps the rounds finished so far", file=sys.stderr)
+        then = f"; continue it with: {hint[0]}" if hint else ""
+        print(f"rankfed: interrupted; the run folder keeps the rounds finished so far{then}", file=sys.stderr)
         return 130
     return 0
+
+
+def _cores() -> int:
+    from rankfed.federation import resolve_threads
+
+    return resolve_threads(None)
+
+
+def _check_resumable(out: Path) -> None:
+    """``rankfed run --resume``: a completed run, or one killed before its first resume point,
+    is a clear error (the second with the command that starts it again)."""
+    from rankfed.federation import run_state
+
+    where = run_state(out)
+    if where == "done":
+        raise ConfigError(f"--resume {str(out)!r}: the run is complete (summary.json written); there is nothing to resume")
+    if where != "resumable":
+        raise ConfigError(
+            f"--resume {str(out)!r}: the run stopped before its first resume point (federation.resume_every rounds), so there is nothing to resume from; "
+            f"start it again with: rankfed run {shlex.quote(str(out / 'config.toml'))} --out {shlex.quote(str(out))} --overwrite"
+        )
 
 
 if __name__ == "__main__":  # pragma: no cover

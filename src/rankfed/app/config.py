@@ -233,6 +233,11 @@ class FederationConfig(RunOptions):
     participation: float = 1.0  # fraction of clients sampled each round
     seed: int = 0
     device: str = "cpu"  # cpu | cuda | auto
+    # torch intra-op threads for the run; 0 = the cores available to the process (results
+    # depend on the thread count: the summary records it)
+    threads: int = 0
+    # experiment trackers told of every round: "tensorboard", "mlflow" (pip install 'rankfed[tracking]')
+    loggers: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -243,6 +248,12 @@ class FederationConfig(RunOptions):
         if not 0 <= self.seed <= _MAX_SEED:  # NumPy's legacy seeding and scikit-learn take 32-bit seeds
             raise _bad("federation.seed", self.seed, f"must be in [0, {_MAX_SEED}]")
         _choice("federation.device", self.device, ("cpu", "cuda", "auto"))
+        if self.threads < 0:
+            raise _bad("federation.threads", self.threads, "must be >= 1 (0: the cores available to the process)")
+        from rankfed.tracking import LOGGERS
+
+        for name in self.loggers:
+            _choice("federation.loggers", name, sorted(LOGGERS))
 
     @property
     def clients_per_round(self) -> int:
@@ -427,7 +438,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
     """Read an experiment file (or the defaults when ``path`` is None) and apply overrides.
 
-    ``task.python_path`` entries are made absolute against the file's folder; a file that
+    ``task.python_path`` entries and ``task.data_dir`` are made absolute against the file's
+    folder (a ``--set task.data_dir`` stays relative to the working directory); a file that
     names user code by import path and gives no ``python_path`` imports it from its own
     folder (recorded in the resolved config, so a resumed run finds it again)."""
     data: dict = {}
@@ -447,10 +459,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{p}: not valid TOML: {e}") from None
+        _resolve_data_dir(data, p.resolve().parent)  # the file's own; a --set one is the caller's (cwd)
     apply_overrides(data, overrides or [])
     if path is not None:
         _resolve_python_path(data, Path(path).resolve().parent)
     return parse_config(data)
+
+
+def _resolve_data_dir(data: dict, folder: Path) -> None:
+    """A relative ``task.data_dir`` in an experiment file is relative to the file's folder."""
+    task = data.get("task")
+    if isinstance(task, dict) and isinstance(task.get("data_dir"), str) and task["data_dir"]:
+        d = Path(task["data_dir"]).expanduser()
+        if not d.is_absolute():
+            task["data_dir"] = str((folder / d).resolve())
 
 
 def _resolve_python_path(data: dict, folder: Path) -> None:

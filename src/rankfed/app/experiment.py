@@ -101,14 +101,25 @@ def _finish_model(model: torch.nn.Module, init_weights: str, batchnorm: str) -> 
 
 
 def _built_model(name: str, input_shape: tuple, num_classes: int, options: dict, init_weights: str, batchnorm: str = "running") -> torch.nn.Module:
-    return _finish_model(build_model(name, tuple(input_shape), num_classes, **options), init_weights, batchnorm)
+    try:
+        model = build_model(name, tuple(input_shape), num_classes, **options)
+    except (ValueError, TypeError) as e:  # ModelOptionError included: name the option at fault
+        text = str(e)
+        keys = [k for k in options if f"'{k}'" in text or f"option {k} " in text]
+        if not keys:
+            raise
+        raise ConfigError(f"task.model_options.{keys[0]}: {text}") from None
+    return _finish_model(model, init_weights, batchnorm)
 
 
 def _user_model(factory, options: dict, init_weights: str, key: str, batchnorm: str = "running") -> torch.nn.Module:
     try:
         model = factory(**options)
     except TypeError as e:
-        raise ConfigError(f"{key}: calling it with task.model_options = {options!r} failed: {e}") from None
+        text = str(e)
+        keys = [k for k in options if f"'{k}'" in text]  # "got an unexpected keyword argument 'x'"
+        where = f"task.model_options.{keys[0]}" if keys else "task.model_options"
+        raise ConfigError(f"{key}: calling it with {where} ({options!r}) failed: {text}") from None
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"{key}: returned a {type(model).__name__}, not an nn.Module")
     return _finish_model(model, init_weights, batchnorm)
@@ -227,14 +238,18 @@ def lora_config(table: dict):
         raise ConfigError(f"task.adapters = {table!r}: {e}") from None
 
 
-def run_config(cfg: ExperimentConfig, out_dir: str | os.PathLike | None = None, *, overwrite: bool = False, on_round=None, dataset: Dataset | None = None, command: str | None = None, resume: bool = False) -> Result:
-    """Run an experiment in the simulator (what ``rankfed run`` does); write ``out_dir`` if given."""
+def run_config(cfg: ExperimentConfig, out_dir: str | os.PathLike | None = None, *, overwrite: bool = False, on_round=None, dataset: Dataset | None = None, command: str | None = None, resume: bool = False, callbacks=()) -> Result:
+    """Run an experiment in the simulator (what ``rankfed run`` does); write ``out_dir`` if given.
+    ``federation.loggers`` add their trackers to ``callbacks``."""
+    from rankfed.tracking import make_loggers
+
     if out_dir is not None and not resume:
         from rankfed.server import RunFolder
 
         RunFolder.check_writable(out_dir, overwrite)  # before the (slow) data loading: refuse early
+    trackers = [*make_loggers(cfg.federation.loggers), *callbacks]
     fed = federation_from_config(cfg, dataset)
-    return fed.run(cfg.federation.rounds, cfg.federation.clients_per_round, out_dir, overwrite=overwrite, resume=resume, on_round=on_round, command=command, **_run_options(cfg))
+    return fed.run(cfg.federation.rounds, cfg.federation.clients_per_round, out_dir, overwrite=overwrite, resume=resume, on_round=on_round, command=command, callbacks=trackers, threads=cfg.federation.threads, **_run_options(cfg))
 
 
 def _run_options(cfg: ExperimentConfig) -> dict:

@@ -127,6 +127,8 @@ def serve(grid: Grid, context: Context, fed, options: dict) -> dict:
                 _save_resume(folder, strategy, exp, time.perf_counter() - t0)
 
         strategy = RankfedStrategy(exp, on_round=on_round, on_checkpoint=folder.save_checkpoint)
+        if saved is None:  # metrics.jsonl's round-0 line, as the simulator writes it
+            folder.write_initial_evaluation(strategy.evaluator.measure(strategy.server.global_model_state()))
         if saved is not None:
             strategy.load_state_dict(saved)
             folder.truncate_rounds(strategy.offset)

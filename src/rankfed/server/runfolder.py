@@ -121,6 +121,14 @@ class RunFolder:
         if rec.evaluated:
             self.append_jsonl("metrics.jsonl", rec.metrics_line())
 
+    def write_initial_evaluation(self, measured: dict) -> None:
+        """metrics.jsonl's round-0 line: the initial model on the test data (``Evaluator.measure``),
+        before anything was sent (nothing, without test data)."""
+        if not measured:
+            return
+        line = {"round": 0, "accuracy": None, "loss": None, **measured, "uplink_bytes": 0, "downlink_bytes": 0, "cum_uplink_bytes": 0, "cum_downlink_bytes": 0, "wall_s": 0.0, "initial": True}
+        self.append_jsonl("metrics.jsonl", {k: finite_or_none(v) for k, v in line.items()})
+
     def write_summary(self, summary: dict) -> None:
         self.write_text("summary.json", dumps(summary, indent=2) + "\n")
 
