@@ -164,7 +164,7 @@ def _wrong_type(field_type: str) -> st.SearchStrategy:
 
 FIELD_TYPES = {
     # an experiment file gives the optimizer (annotated Any: a class from Python) as a string
-    name: {f.name: {"Any": "str"}.get(t := (f.type if isinstance(f.type, str) else f.type.__name__), t) for f in dataclasses.fields(cls)}
+    name: {f.name: {"Any": "str"}.get(t := (f.type if isinstance(f.type, str) else f.type.__name__).split("[")[0], t) for f in dataclasses.fields(cls)}
     for name, cls in (("task", TaskConfig), ("federation", FederationConfig), ("client", ClientConfig))
 }
 
