@@ -680,11 +680,10 @@ def compare(
         run_out = out_path / label if out_path else None
         where = run_state(run_out) if resume else "new"
         if where == "done":
-            kept = _result_from_folder(run_out, fed)
             expected = fed.experiment(rounds, clients_per_round, **run_options).config_text
             if (run_out / "config.toml").read_text(encoding="utf-8") != expected:
                 raise ConfigError(f"{str(run_out)!r} was run with another configuration than this comparison's {label!r}: resume with the same federation, or start anew with overwrite")
-            results[label] = kept
+            results[label] = _result_from_folder(run_out, fed)
             if on_kept:
                 on_kept(label, run_out)
             continue

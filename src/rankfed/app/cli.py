@@ -148,10 +148,16 @@ def _compare(cfg: ExperimentConfig, algorithms: list[str], out: Path, console: C
 
 
 def _show_comparison(out: Path, runs: list[Path], summaries: dict, console: Console, title: str | None) -> None:
-    from rankfed.federation import baseline_note, comparison_rows, write_comparison
+    from rankfed.federation import comparison_rows, write_comparison
 
     rows = comparison_rows(summaries)
     write_comparison(out, runs, rows, title)
+    _print_comparison(rows, console, title, out)
+
+
+def _print_comparison(rows: list[dict], console: Console, title: str | None, out: Path) -> None:
+    from rankfed.federation import baseline_note
+
     console.print(comparison_table(rows, title or "comparison"))
     console.print(baseline_note(rows), highlight=False)
     console.print(f"comparison.md, comparison.json and comparison.png in {out}", highlight=False)
@@ -162,16 +168,13 @@ def _compare_command(args: argparse.Namespace, console: Console, err: Console, h
     import json
 
     from rankfed.app.config import tomllib
-    from rankfed.federation import COMPARE_FILE, read_summary
-    from rankfed.plot import find_runs, run_labels
+    from rankfed.federation import COMPARE_FILE, compare_runs
 
     if args.from_runs:
         if args.config or args.algorithms or args.resume or args.overrides:
             raise ConfigError("--from RUN_DIR ... tabulates finished runs: give no CONFIG, --algorithms, --set or --resume")
-        runs = find_runs(args.from_runs)
-        summaries = {label: read_summary(run) for label, run in zip(run_labels(runs), runs)}
         out = Path(args.out or f"runs/compare-{_stamp()}")
-        _show_comparison(out, runs, summaries, console, args.title)
+        _print_comparison(compare_runs(args.from_runs, out, title=args.title), console, args.title, out)
         return
     if args.resume:
         if args.config or args.algorithms or args.overrides or args.out:
