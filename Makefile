@@ -15,7 +15,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[dev,flower,hf,tracking]"
+	$(PY) -m pip install --quiet -e ".[dev,flower,hf,tracking,dp]"
 	touch $(STAMP)
 
 demo: setup

@@ -46,7 +46,8 @@ def test_killed_and_resumed_run_equals_the_uninterrupted_one(tmp_path, case):
     proc = subprocess.Popen([sys.executable, "-m", "rankfed", "-q", "run", str(path), "--out", str(part)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     rounds = part / "rounds.jsonl"
     deadline = time.monotonic() + 600  # a guard against a hang, not a race
-    after = random.randint(2, 20)  # of 25 rounds; round 1's state is saved by the time 2 lines exist
+    every = cfg.federation.resume_every
+    after = random.randint(every + 1, 20)  # of 25 rounds; round `every`'s state is saved by the time every + 1 lines exist
     while not (rounds.exists() and len(rounds.read_text().splitlines()) >= after):
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
         assert time.monotonic() < deadline
@@ -87,3 +88,29 @@ def test_resume_errors_are_clear(tmp_path, capsys):
     (tmp_path / "done" / RESUME_FILE).write_bytes(b"\x00garbage")
     assert main(["-q", "run", "--resume", str(tmp_path / "done")]) == 2
     assert "not a readable resume state" in capsys.readouterr().err
+
+
+def test_disk_client_states_of_the_last_resume_point_survive_until_the_next_is_saved(tmp_path):
+    """A kill after the next resume point's commit but before its resume.pt is written resumes
+    from the previous point: its files are deleted only by collect(), after the save."""
+    import torch
+
+    from rankfed.sim.clientstate import DiskClientStates
+
+    def two_points(folder):
+        states = DiskClientStates(folder, cache=1)
+        for cid in range(3):
+            states[cid] = {"e": torch.full((2,), float(cid))}
+        first = states.commit()
+        states.collect()
+        for cid in range(3):
+            states[cid] = {"e": torch.full((2,), 10.0 + cid)}
+        return states, first, states.commit()
+
+    _, first, _ = two_points(tmp_path / "killed")  # ... killed here, before resume.pt names the second point
+    again = DiskClientStates(tmp_path / "killed", cache=1)
+    again.restore(first)
+    assert [float(again.get(c)["e"][0]) for c in range(3)] == [0.0, 1.0, 2.0]
+    states, first, second = two_points(tmp_path / "saved")
+    states.collect()  # the second point's resume.pt is saved
+    assert {p.name for p in (tmp_path / "saved").iterdir()} == set(second["files"].values())

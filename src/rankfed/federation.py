@@ -367,6 +367,7 @@ def _save_resume(folder: RunFolder, sim: Simulator, exp: Experiment, wall_s: flo
     tmp = folder.path / f".{RESUME_FILE}.tmp"
     torch.save(sim.state_dict(exp.config_text, wall_s) | {"commands": commands}, tmp)
     os.replace(tmp, folder.path / RESUME_FILE)
+    sim.resume_saved()  # only now may what the previous resume.pt needs go
 
 
 def _drive(sim: Simulator, exp: Experiment, folder: RunFolder | None, state: dict | None, on_round, command, *, callbacks: Sequence[Any] = (), threads: int = 1) -> Result:

@@ -234,6 +234,13 @@ class ServerHalf(ABC):
         may be 0: a round that aggregates nothing); return round statistics."""
         raise NotImplementedError(f"{type(self).__name__} aggregates a round's uploads at once (it has no finish)")
 
+    def fold_reference(self) -> dict[str, torch.Tensor] | None:
+        """What the tensors :meth:`fold` returns are measured from when the server bounds an
+        upload's size (``federation.clip_norm``): None (the default) when they are updates
+        (deltas, MAPA's B, factor updates), else the current global values of those entries
+        (a server half that averages models, as FedHM does)."""
+        return None
+
     @property
     def streams(self) -> bool:
         """Whether this server half folds uploads one at a time (implements :meth:`fold`)."""

@@ -50,6 +50,12 @@ class Algorithm(ABC):
         same experiment as the server's). One object serves every client; per-client state
         lives in ``ClientContext.state``."""
 
+    def local_noise_unsupported(self) -> str | None:
+        """Why local differential privacy (noise each client adds to its uplink) cannot work on
+        this algorithm, or None when it can: its uplink's tensors are the update the server
+        averages."""
+        return "its uplink is not the update the server averages (local DP's noise needs one that is)"
+
     # -- descriptions ------------------------------------------------------------------------
     def to_options(self) -> dict[str, Any]:
         """The options as an experiment file's ``[algorithm]`` table (without ``name``); an option

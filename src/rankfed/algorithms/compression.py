@@ -46,6 +46,12 @@ class CompressionOptions:
     compress_rank: int = 4  # powersgd / greedylore / random: rank of each compressed matrix
     update_gap: int = 10  # greedylore: every update_gap-th upload of a client is dense and refreshes its basis
 
+    def local_noise_unsupported(self) -> str | None:
+        """The uplink is the plain update unless a compressor encodes it."""
+        if self.compressor:
+            return f"compressor = {self.compressor!r}: local DP's noise goes on the plain update (set compressor = '')"
+        return None
+
     def __post_init__(self) -> None:
         super().__post_init__()  # the field types (Algorithm)
         if isinstance(self.compressor, Compressor) and self.compressor.config is not None:

@@ -212,6 +212,11 @@ class FedHmServer(ServerHalf):
         out.update({k: others[_wrapped_name(k, self.ranks)] for k in self.others})
         return out
 
+    def fold_reference(self) -> dict[str, torch.Tensor]:
+        """FedHM averages models (the recovered kernels and the other trained tensors): an
+        upload's size is measured from the global ones."""
+        return {**{f"{name}.weight": self.state[f"{name}.weight"] for name in self.ranks}, **{k: self.state[k] for k in self.others}}
+
     def finish(self, rnd: int, sums: RoundSums) -> dict[str, float]:
         if not sums.count:
             return {"clients": 0}

@@ -198,6 +198,9 @@ class MFedLoRU(FedLoRU):
     tiers: list = field(default_factory=lambda: [{"fraction": 1.0, "rank_a": 0, "rank_b": 0}])
     nested_alpha: float = 0.0
 
+    def local_noise_unsupported(self) -> str | None:
+        return "its uplink carries nested factors that the server expands, not the update it averages"
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self.tiers = check_tiers(self.tiers, ("rank_a", "rank_b"))

@@ -39,7 +39,7 @@ from rankfed.checks import choice as _choice
 from rankfed.checks import from_mapping
 from rankfed.errors import ConfigError
 from rankfed.local import LocalTraining
-from rankfed.server import RunOptions
+from rankfed.server import Defences, RunOptions
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -492,6 +492,8 @@ def _resolve_python_path(data: dict, folder: Path) -> None:
 def to_dict(cfg: ExperimentConfig) -> dict:
     """The resolved configuration as a TOML-ready document (algorithm options inlined)."""
     out = {name: (getattr(cfg, name).describe() if name == "client" else dataclasses.asdict(getattr(cfg, name))) for name in _SECTIONS}
+    defence_keys = [f.name for f in dataclasses.fields(Defences)]  # RunOptions' base: after the keys of a run
+    out["federation"] = {**{k: v for k, v in out["federation"].items() if k not in defence_keys}, **{k: out["federation"][k] for k in defence_keys}}
     out["algorithm"] = {"name": cfg.algorithm.name, **cfg.algorithm.build().to_options()}
     if cfg.algorithms:
         out["algorithms"] = cfg.algorithms

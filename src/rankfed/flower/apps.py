@@ -60,7 +60,7 @@ from flwr.supercore import log
 from rankfed.errors import ConfigError, Diverged
 from rankfed.local import ClientData, CohortOutOfMemory, cohort_supported
 from rankfed.protocol import ClientContext
-from rankfed.server import RESUME_FILE, RunFolder, RunOptions, summarize
+from rankfed.server import RESUME_FILE, RunFolder, RunOptions, private_client, resolve_noise, summarize
 from rankfed.server.experiment import resolve_client_kind
 
 from .records import payload_to_records, records_to_payload
@@ -210,7 +210,8 @@ class Node:
             _cache_data(context, self.data)
         self.ctx = ctx = fed.run_context(rounds)
         self.model = fed.initial_model().to(ctx.device)
-        self.client = fed.algorithm.make_client(self.model, ctx)
+        # local DP: the noise goes on here, on the SuperNode (dp_noise as the server resolves it)
+        self.client = private_client(fed.algorithm, fed.algorithm.make_client(self.model, ctx), resolve_noise(run.defences, rounds, 1.0))
         self.trainer = ctx.trainer()
         self.data = {cid: d.to(ctx.device) for cid, d in self.data.items()}
         self.kind = resolve_client_kind(fed.algorithm, run.client_kind)

@@ -50,7 +50,7 @@ from pathlib import Path
 
 from rankfed.errors import ConfigError
 
-from .deploy import FlowerRunError, _stop, flower_env, forward_metrics, write_app
+from .deploy import FlowerRunError, _descendants, _stop, flower_env, forward_metrics, write_app
 
 __all__ = ["simulate", "check_client_resources"]
 
@@ -132,12 +132,14 @@ def simulate(
         }))  # fmt: skip
         with open(log, "ab") as log_f:
             proc = subprocess.Popen([sys.executable, "-m", "rankfed.flower._simrun", str(spec)], stdout=log_f, stderr=subprocess.STDOUT, env=env, cwd=tmp, start_new_session=True)
+            pids: dict[int, str | None] = {}
             try:
-                _follow(out, proc, on_metrics, timeout, log)
+                _follow(out, proc, on_metrics, timeout, log, pids)
             finally:
                 _stop([proc], grace=10.0)
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(proc.pid, signal.SIGKILL)  # anything of its session still there (it led one: start_new_session)
+                _kill_seen(pids)  # and every process it started that left its group (Ray's workers)
     summary_file = out / "summary.json"
     if not summary_file.exists():
         raise FlowerRunError(f"the simulation ended without a summary in {out} (exit code {proc.returncode}): {_tail(log)}; see {log}")
@@ -153,12 +155,45 @@ def _tail(log: Path, lines: int = 3) -> str:
     return " | ".join(text[-lines:]) or "the log is empty"
 
 
-def _follow(out: Path, proc: subprocess.Popen, on_metrics: Callable[[dict], None] | None, timeout: float | None, log: Path) -> None:
-    """Pass each new ``metrics.jsonl`` line to ``on_metrics`` until the child exits."""
+def _start_time(pid: int) -> str | None:
+    """A process's start time (field 22 of /proc/PID/stat): with its pid, who it is (pids are reused)."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _kill_seen(seen: dict[int, str | None], wait: float = 60.0) -> None:
+    """SIGKILL the processes of ``seen`` (pid -> start time) still alive as themselves, and wait
+    until they are gone (Ray's workers are not in the child's process group, and outlive it
+    for a while once their raylet is gone, the longer the busier the machine)."""
+    alive = [pid for pid, t in seen.items() if t is not None and _start_time(pid) == t]
+    for pid in alive:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + wait  # a guard against a process the kernel cannot reap, not a race
+    while alive and time.monotonic() < deadline:
+        alive = [pid for pid in alive if seen[pid] == _start_time(pid) and "Z (zombie)" not in _status(pid)]
+        time.sleep(0.1)
+
+
+def _status(pid: int) -> str:
+    try:
+        return (Path("/proc") / str(pid) / "status").read_text()
+    except OSError:
+        return "Z (zombie)"  # gone
+
+
+def _follow(out: Path, proc: subprocess.Popen, on_metrics: Callable[[dict], None] | None, timeout: float | None, log: Path, pids: dict[int, str | None] | None = None) -> None:
+    """Pass each new ``metrics.jsonl`` line to ``on_metrics`` until the child exits; ``pids``
+    collects the child's descendants seen meanwhile (pid -> start time)."""
     seen = 0
     deadline = None if timeout is None else time.monotonic() + timeout
     metrics_file = out / "metrics.jsonl"
     while True:
+        if pids is not None:
+            for pid in _descendants(proc.pid):
+                pids.setdefault(pid, _start_time(pid))
         done = proc.poll() is not None
         seen = forward_metrics(metrics_file, seen, on_metrics)
         if done:

@@ -40,7 +40,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
-from rankfed.server import CatchUp, Downlink, Evaluator, Experiment, Rounds, upload_limit
+from rankfed.server import CatchUp, Downlink, Evaluator, Experiment, Rounds
 from rankfed.wire import WireError, decode, encoded_size
 
 from .records import message_wire_bytes, payload_to_records, records_to_payload
@@ -153,10 +153,7 @@ class RankfedStrategy(Strategy):
         self.kind = exp.client_kind
         model = exp.model.to(exp.ctx.device)
         server = exp.algorithm.make_server(model, exp.ctx)
-        self.rounds = Rounds(
-            server, num_clients=len(exp.clients), clients_per_round=exp.clients_per_round, seed=exp.ctx.seed,
-            client_kind=self.kind, min_clients=exp.options.min_clients, max_upload_bytes=upload_limit(model, server),
-        )  # fmt: skip
+        self.rounds = Rounds.for_experiment(exp, server, model)
         self.client_half = exp.algorithm.make_client(model, exp.ctx)  # for .personalized only
         test = exp.test.to(exp.ctx.device) if exp.test is not None else None
         self.evaluator = Evaluator(copy.deepcopy(model), test, exp.ctx.task, rounds=exp.ctx.rounds, eval_every=exp.options.eval_every, batch_size=exp.options.eval_batch_size)

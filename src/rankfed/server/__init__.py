@@ -2,10 +2,12 @@
 
 * :mod:`.round` - sampling, the downlink plan, checked aggregation, the byte ledger, records, evaluation;
 * :mod:`.validate` - every upload checked before the server uses it;
+* :mod:`.defence` - trusted weights, bounded uploads, robust aggregation, differential privacy;
 * :mod:`.experiment` - an experiment resolved for a transport (:class:`Experiment`, :class:`RunOptions`);
 * :mod:`.runfolder` - the run folder every front end writes.
 """
 
+from rankfed.server.defence import Defences, PrivacyLedger, private_client, resolve_noise
 from rankfed.server.experiment import EXECUTIONS, Experiment, RunOptions
 from rankfed.server.round import CatchUp, Downlink, Evaluator, RoundRecord, Rounds, aggregate_round, sample_clients, upload_limit
 from rankfed.server.runfolder import CLIENT_STATE_DIR, RESUME_FILE, RunFolder, dumps, summarize
@@ -30,4 +32,8 @@ __all__ = [
     "CLIENT_STATE_DIR",
     "aggregate_checked",
     "check_upload",
+    "Defences",
+    "PrivacyLedger",
+    "private_client",
+    "resolve_noise",
 ]

@@ -17,7 +17,8 @@ from torch import nn
 from rankfed.algorithms import Algorithm
 from rankfed.checks import bad, check_fields, choice
 from rankfed.local import ClientData
-from rankfed.protocol import RunContext
+from rankfed.protocol import ClientHalf, RunContext
+from rankfed.server.defence import Defences, private_client, resolve_noise
 
 __all__ = ["RunOptions", "Experiment", "EXECUTIONS", "resolve_client_kind"]
 
@@ -25,7 +26,7 @@ EXECUTIONS = ("auto", "sequential", "vectorized")
 
 
 @dataclass
-class RunOptions:
+class RunOptions(Defences):
     """How a run goes (the ``[federation]`` keys of an experiment file besides clients, seed, device).
 
     Args:
@@ -53,6 +54,11 @@ class RunOptions:
             up to date when it is back).
         availability_trace: a file saying who is online in each round, instead (one line per
             round: the online client ids).
+        aggregator, trim_beta, krum_malicious, krum_keep, sample_weights, max_sample_weight,
+        clip_norm, clip_quantile, clip_window, dp, dp_noise, dp_epsilon, dp_delta: the
+            defences against a client taking over the model (robust aggregation, trusted
+            weights, bounded uploads, differential privacy): see :mod:`rankfed.server.defence`.
+            All off by default.
     """
 
     rounds: int = 20
@@ -72,6 +78,7 @@ class RunOptions:
 
     def __post_init__(self) -> None:
         check_fields(self, "federation")
+        super().__post_init__()  # the defence keys
         choice("federation.client_kind", self.client_kind, ("auto", "stateless", "stateful"))
         choice("federation.execution", self.execution, EXECUTIONS)
         choice("federation.client_state", self.client_state, ("memory", "disk"))
@@ -95,6 +102,12 @@ class RunOptions:
             raise bad("federation.min_clients", self.min_clients, "must be >= 1")
         if self.checkpoint_every < 0:
             raise bad("federation.checkpoint_every", self.checkpoint_every, "must be >= 0 (0 = no checkpoints)")
+
+
+    @property
+    def defences(self) -> Defences:
+        """The defence keys alone, as :class:`~rankfed.server.defence.Defences`."""
+        return Defences.from_options(self)
 
 
 def resolve_client_kind(algorithm: Algorithm, kind: str) -> str:
@@ -124,6 +137,25 @@ class Experiment:
             raise ValueError(f"options.rounds = {self.options.rounds} but the run context has {self.ctx.rounds}")
         if self.options.min_clients > self.clients_per_round:
             raise bad("federation.min_clients", self.options.min_clients, f"must be <= the clients per round ({self.clients_per_round}): no round could aggregate")
+        d = self.options.defences
+        if d.dp == "local":
+            why = self.algorithm.local_noise_unsupported()
+            if why is not None:
+                raise bad("federation.dp", d.dp, f"{self.algorithm.name}: {why}")
+        if d.aggregator == "krum" and d.krum_keep > self.clients_per_round:
+            raise bad("federation.krum_keep", d.krum_keep, f"must be <= the clients per round ({self.clients_per_round})")
+
+    @property
+    def defences(self) -> Defences:
+        """The run's defences, with ``dp_epsilon`` turned into the noise multiplier that spends it
+        over the run's rounds (:func:`~rankfed.server.defence.resolve_noise`)."""
+        if "_defences" not in self.__dict__:
+            self.__dict__["_defences"] = resolve_noise(self.options.defences, self.ctx.rounds, self.participation)
+        return self.__dict__["_defences"]
+
+    def make_client(self, model: nn.Module) -> ClientHalf:
+        """The algorithm's client half of ``model``, with local DP's noise around it if the run has it."""
+        return private_client(self.algorithm, self.algorithm.make_client(model, self.ctx), self.defences)
 
     @property
     def client_kind(self) -> str:

@@ -33,6 +33,7 @@ from torch import nn
 from rankfed.errors import Diverged
 from rankfed.local import ClientData, Task
 from rankfed.protocol import CLIENT_KINDS, ServerHalf, float_state
+from rankfed.server.defence import ClipBound, DefendedSums, Defences, PrivacyLedger, UploadGuard
 from rankfed.server.validate import CheckedRound, RoundFold
 from rankfed.wire import Payload, encode, encoded_size
 
@@ -99,6 +100,9 @@ class RoundRecord:
     skipped: bool = False
     # what a real transport measured (Flower: its message sizes, failed clients); empty in the simulator
     transport: dict = field(default_factory=dict)
+    # the federation's defences this round (rankfed.server.defence): weights cut, uploads clipped,
+    # the clipping bound, Krum's choice, the privacy spent; empty without defences
+    defence: dict = field(default_factory=dict)
 
     def metrics_line(self) -> dict:
         """The record as a metrics.jsonl line: per-client lists left out, the user's metrics and
@@ -110,6 +114,8 @@ class RoundRecord:
         d["rejected_uploads"] = len(d.pop("rejected"))
         d |= d.pop("metrics")
         d |= d.pop("transport")
+        defence = d.pop("defence")
+        d |= {k: v for k, v in defence.items() if not isinstance(v, (list, dict))}  # counts here, who in rounds.jsonl
         return {k: finite_or_none(v) for k, v in d.items()}
 
     def rounds_line(self) -> dict:
@@ -129,6 +135,7 @@ class RoundRecord:
             "rejected": {str(c): why for c, why in self.rejected.items()},
             "skipped": self.skipped,
             **{k: finite_or_none(v) for k, v in self.transport.items()},
+            **{k: finite_or_none(v) for k, v in self.defence.items()},
         }
 
 
@@ -205,7 +212,23 @@ class Rounds:
     """The server side of a run (see the module docstring): the server half, sampling, the
     downlink plan, checked aggregation and the byte ledger, for any transport."""
 
-    def __init__(self, server: ServerHalf, *, num_clients: int, clients_per_round: int, seed: int, client_kind: str, min_clients: int = 1, max_upload_bytes: int | None = None):
+    def __init__(
+        self,
+        server: ServerHalf,
+        *,
+        num_clients: int,
+        clients_per_round: int,
+        seed: int,
+        client_kind: str,
+        min_clients: int = 1,
+        max_upload_bytes: int | None = None,
+        defences: Defences | None = None,
+        recorded_samples: Sequence[int] | None = None,
+    ):
+        """``defences``: the federation's (:mod:`rankfed.server.defence`; ``dp_noise`` resolved,
+        see :func:`~rankfed.server.defence.resolve_noise`), None or all off: the plain weighted
+        mean. ``recorded_samples``: the server's own record of each client's data size
+        (``sample_weights = "recorded"``)."""
         if client_kind not in CLIENT_KINDS:
             raise ValueError(f"client_kind = {client_kind!r}: must be one of {', '.join(CLIENT_KINDS)}")
         if not 1 <= clients_per_round <= num_clients:
@@ -219,6 +242,28 @@ class Rounds:
         # bigger than the replica (older ones would never be replayed: the model is smaller)
         self.broadcast_log: list[tuple[int, bytes]] = []
         self._replica_size: int | None = None
+        self.defences = defences if defences is not None and defences.active else None
+        self.recorded_samples = None if recorded_samples is None else [int(n) for n in recorded_samples]
+        if self.defences is not None and self.defences.dp and not self.defences.dp_noise:
+            raise ValueError("defences.dp_noise is not resolved: pass resolve_noise(defences, rounds, sample_rate)")
+        self.clip_bound = ClipBound(self.defences) if self.defences is not None else None
+        self.privacy = PrivacyLedger(self.defences.dp, self.defences.dp_noise, clients_per_round / num_clients, self.defences.dp_delta) if self.defences is not None and self.defences.dp else None
+
+    @classmethod
+    def for_experiment(cls, exp, server: ServerHalf, model: nn.Module) -> Rounds:
+        """The rounds of a transport running ``exp`` (an :class:`~rankfed.server.Experiment`)
+        with ``server`` (its algorithm's server half of ``model``)."""
+        return cls(
+            server,
+            num_clients=len(exp.clients),
+            clients_per_round=exp.clients_per_round,
+            seed=exp.ctx.seed,
+            client_kind=exp.client_kind,
+            min_clients=exp.options.min_clients,
+            max_upload_bytes=upload_limit(model, server),
+            defences=exp.defences,
+            recorded_samples=[c.num_samples for c in exp.clients],
+        )
 
     def sample(self, rnd: int, online: Sequence[int] | None = None) -> list[int]:
         return sample_clients(self.seed, rnd, self.num_clients, self.clients_per_round, online)
@@ -279,7 +324,10 @@ class Rounds:
     def open(self, plan: Downlink) -> RoundFold:
         """Round ``plan.rnd``'s aggregation: ``add(cid, upload)`` each decoded upload as it
         arrives (checked, folded in, never kept by a server half that streams), then :meth:`close`."""
-        return RoundFold(self.server, plan.rnd, max_bytes=self.max_upload_bytes)
+        guard = None
+        if self.defences is not None:
+            guard = UploadGuard(self.defences, plan.rnd, bound=self.clip_bound.current(), recorded=self.recorded_samples, seed=self.seed)
+        return RoundFold(self.server, plan.rnd, max_bytes=self.max_upload_bytes, guard=guard)
 
     def aggregate(self, plan: Downlink, replies: Sequence[tuple[int, Payload]], up_sizes: Sequence[int], clients: Sequence[int]) -> tuple[RoundRecord, dict[str, torch.Tensor]]:
         """:meth:`open`, ``add`` each of ``replies`` ((client id, decoded upload)), :meth:`close`."""
@@ -324,7 +372,39 @@ class Rounds:
             rejected=checked.rejected,
             skipped=checked.skipped,
         )
+        if fold.guard is not None:
+            rec.defence = self._defence_report(fold, checked)
         return rec, state
+
+    def _defence_report(self, fold: RoundFold, checked: CheckedRound) -> dict:
+        """What the defences did in the round ``fold`` (accepted as ``checked``), and the privacy spent."""
+        guard, d = fold.guard, self.defences
+        accepted = set(checked.accepted)
+        out: dict = {"aggregator": d.aggregator}
+        if d.dp == "central" or d.sample_weights == "uniform":
+            out["weights"] = "uniform"
+        elif d.sample_weights == "recorded" or d.max_sample_weight:
+            cut = {c: v for c, v in guard.weight_cut.items() if c in accepted}
+            out["weights_cut"] = len(cut)
+            out["weights_cut_clients"] = {str(c): {"claimed": n, "used": w} for c, (n, w) in sorted(cut.items())}
+        if d.server_clip:
+            norms = [guard.norms[c] for c in sorted(accepted) if c in guard.norms]
+            self.clip_bound.record(norms)
+            out["clip_bound"] = guard.bound
+            out["clipped"] = len([c for c in guard.clipped if c in accepted])
+            out["clipped_clients"] = sorted(c for c in guard.clipped if c in accepted)
+            out["upload_norm_median"] = float(np.median(norms)) if norms else None
+        if d.aggregator == "krum" and isinstance(fold.sums, DefendedSums) and fold.sums.selected is not None and not checked.skipped:
+            ids = sorted(accepted)  # the uploads were added in ascending client order
+            out["krum_selected"] = [ids[i] for i in fold.sums.selected] if len(ids) == len(fold.sums.uploads) else []
+        if self.privacy is not None:
+            if not checked.skipped:
+                self.privacy.step(sorted(accepted))
+            out["dp"] = d.dp
+            out["dp_noise"] = d.dp_noise
+            out["epsilon"] = self.privacy.epsilon()
+            out["dp_delta"] = d.dp_delta
+        return out
 
     def evaluation_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The model the round just closed is evaluated as: ``state`` (the global model

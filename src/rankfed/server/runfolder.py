@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import os
@@ -27,6 +28,7 @@ import torch
 
 from rankfed._version import __version__
 from rankfed.protocol import shared_state
+from rankfed.server.defence import Defences
 from rankfed.server.experiment import Experiment
 from rankfed.server.round import RoundRecord, finite_or_none
 from rankfed.wire import encoded_size
@@ -162,6 +164,14 @@ def summarize(exp: Experiment, history: list[RoundRecord], wall_s: float, comman
         best_p = max(personal, key=lambda r: r.personal_accuracy)
         extra |= {"best_personal_accuracy": best_p.personal_accuracy, "best_personal_round": best_p.round, "final_personal_accuracy": personal[-1].personal_accuracy}
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    defended = [r for r in history if r.defence]
+    if defended:  # the defences in force, what they did, and the privacy spent
+        d, asked = exp.defences, exp.options.defences  # (dp_noise resolved from dp_epsilon; as configured)
+        extra["defences"] = {f.name: getattr(asked, f.name) for f in dataclasses.fields(asked) if getattr(asked, f.name) != getattr(Defences(), f.name)}
+        extra["weights_cut_uploads"] = sum(r.defence.get("weights_cut", 0) for r in defended)
+        extra["clipped_uploads"] = sum(r.defence.get("clipped", 0) for r in defended)
+        if "epsilon" in defended[-1].defence:
+            extra |= {"epsilon": defended[-1].defence["epsilon"], "dp_delta": d.dp_delta, "dp_noise": d.dp_noise}
     if "adapters" in exp.info:  # PEFT adapters: what the LoRA family trains (its rank options do not apply)
         extra["adapters"] = exp.info["adapters"]
     return {

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rankfed.protocol import RoundSums, ServerHalf, float_state
+from rankfed.server.defence import UploadGuard
 from rankfed.wire import Payload, encoded_size
 
 __all__ = ["upload_limit", "check_upload", "nonfinite_entries", "aggregate_checked", "CheckedRound", "RoundFold", "NONFINITE"]
@@ -112,10 +113,14 @@ class RoundFold:
     ``(client id, upload)`` as it arrives, then :meth:`result`. A server half without
     :meth:`~rankfed.protocol.ServerHalf.fold` gets the accepted uploads at once in :meth:`result`."""
 
-    def __init__(self, server: ServerHalf, rnd: int, *, max_bytes: int | None = None):
+    def __init__(self, server: ServerHalf, rnd: int, *, max_bytes: int | None = None, guard: UploadGuard | None = None):
         self.server, self.rnd, self.max_bytes = server, rnd, max_bytes
         self.streams = server.streams
-        self.sums = RoundSums()
+        self.guard = guard
+        if guard is not None and not self.streams:
+            raise ValueError(f"{type(server).__name__} aggregates a round's uploads at once (it has no fold): the federation's defences (aggregator, clipping, dp, sample weights) need a server half that folds uploads one by one")
+        self.sums = RoundSums() if guard is None else guard.sums()
+        self._reference = server.fold_reference() if guard is not None and guard.defences.server_clip else None
         self.good: list[tuple[int, Payload]] = []  # a server half that does not stream: the uploads to aggregate
         self.accepted: list[int] = []
         self.rejected: dict[int, str] = {}
@@ -140,10 +145,16 @@ class RoundFold:
                     self.nonfinite.update(bad)
                     why = f"{NONFINITE} in its decoded {', '.join(bad[:3])}"
                 else:
+                    weight = float(payload["@num_samples"])
+                    if self.guard is not None:
+                        weight = self.guard.weight(cid, payload["@num_samples"])
+                        tensors = self.guard.clip(cid, tensors, self._reference)
                     try:
-                        self.sums.add(tensors, float(payload["@num_samples"]), payload.get("@train_loss"))
+                        self.sums.add(tensors, weight, payload.get("@train_loss"))
                     except Exception as e:  # noqa: BLE001
                         why = f"the {type(self.server).__name__} could not use it: {e}"
+                        if self.guard is not None:
+                            self.guard.forget(cid)
         if why is not None:
             self.rejected[cid] = why
         else:
@@ -186,9 +197,10 @@ def aggregate_checked(
     *,
     min_clients: int = 1,
     max_bytes: int | None = None,
+    guard: UploadGuard | None = None,
 ) -> CheckedRound:
     """Aggregate the valid ``replies`` (see the module); never raises for a bad upload."""
-    fold = RoundFold(server, rnd, max_bytes=max_bytes)
+    fold = RoundFold(server, rnd, max_bytes=max_bytes, guard=guard)
     for cid, payload in replies:
         fold.add(cid, payload)
     return fold.result(min_clients)

@@ -10,7 +10,7 @@ memory (least recently used first out, written on the way out).
 Files are written atomically (to a temporary name, then renamed) and never overwritten: each
 write of a client's state is a new file ``<cid>-<n>.pt``, and the index (client -> file) is
 what a resume point saves (:meth:`commit`). Files the last resume point does not name are
-deleted at the next one, so a run killed between two resume points resumes from the states
+deleted once the next one is saved (:meth:`collect`), so a run killed between two resume points resumes from the states
 of the first, exactly as ``federation.client_state = "memory"`` does. Loaded with
 ``torch.load(mmap=True)``: a state's tensors are read from the page cache as the client uses
 them, copied on write.
@@ -98,11 +98,16 @@ class DiskClientStates:
             self._write(cid, self._cache[cid])
 
     def commit(self) -> dict:
-        """A resume point: every state on disk, files no longer named deleted; the index to save
-        (give it to :meth:`restore` to continue from here)."""
+        """A resume point: every state on disk; the index to save (give it to :meth:`restore` to
+        continue from here). Files the previous resume point names stay until :meth:`collect`,
+        to be called once the new resume point is saved: a kill in between resumes from the
+        previous one, whose files are all still there."""
         self.flush()
-        self._collect()
         return {"files": dict(self.files), "writes": self._writes}
+
+    def collect(self) -> None:
+        """Delete the files the last :meth:`commit` does not name (after its index is saved)."""
+        self._collect()
 
     def restore(self, index: dict) -> None:
         """Back to the resume point ``index`` (:meth:`commit`'s): files written after it deleted,

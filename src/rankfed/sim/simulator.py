@@ -47,7 +47,7 @@ import torch
 
 from rankfed.local import CohortOutOfMemory, cohort_supported, has_dropout
 from rankfed.protocol import ClientContext
-from rankfed.server import Evaluator, Experiment, RoundRecord, Rounds, upload_limit
+from rankfed.server import Evaluator, Experiment, RoundRecord, Rounds
 from rankfed.sim.availability import Availability, read_trace
 from rankfed.sim.clientstate import DiskClientStates
 from rankfed.wire import decode, encode
@@ -79,16 +79,8 @@ class Simulator:
         model = exp.model.to(ctx.device)
         self._pool: ThreadPoolExecutor | None = None
         server = exp.algorithm.make_server(model, ctx)
-        self.rounds = Rounds(
-            server,
-            num_clients=len(exp.clients),
-            clients_per_round=exp.clients_per_round,
-            seed=ctx.seed,
-            client_kind=self.client_kind,
-            min_clients=opts.min_clients,
-            max_upload_bytes=upload_limit(model, server),
-        )
-        self.client = exp.algorithm.make_client(model, ctx)
+        self.rounds = Rounds.for_experiment(exp, server, model)
+        self.client = exp.make_client(model)
         # workers > 1: clients not trained as a cohort train in that many threads at once, each
         # with its own client half and model; not with dropout (torch's global RNG seeds it), the
         # model's or the client half's own (the LoRA family's factor_dropout)
@@ -99,7 +91,7 @@ class Simulator:
         self.workers = workers
         self.worker = copy.deepcopy(model)
         # one (client half, model) per client thread; the first is the simulator's own
-        self._halves = [(self.client, self.worker)] + [(exp.algorithm.make_client(model, ctx), copy.deepcopy(model)) for _ in range(self.workers - 1)]
+        self._halves = [(self.client, self.worker)] + [(exp.make_client(model), copy.deepcopy(model)) for _ in range(self.workers - 1)]
         self.evaluator = Evaluator(copy.deepcopy(model), exp.test.to(ctx.device) if exp.test is not None else None, ctx.task, rounds=ctx.rounds, eval_every=opts.eval_every, batch_size=opts.eval_batch_size)
         # The one replica standing for every stateful client's (identical) replica.
         self.replica = self.client.init_replica(model) if self.client_kind == "stateful" else None
@@ -363,6 +355,12 @@ class Simulator:
             "wall_s": wall_s,
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
         }
+
+    def resume_saved(self) -> None:
+        """The :meth:`state_dict` just taken is saved: client-state files only older resume
+        points name can go (``client_state = "disk"``)."""
+        if isinstance(self.client_states, DiskClientStates):
+            self.client_states.collect()
 
     def load_state_dict(self, state: dict) -> None:
         self.rounds, self.client, self.worker = state["rounds"], state["client"], state["worker"]
