@@ -268,7 +268,6 @@ def test_three_clients_take_over_fedavg_and_each_defence_keeps_the_model_learnin
     assert max(attacked) <= 0.15, attacked  # 10 classes: chance is 0.1 (0.0 here: diverged)
     clean = [_final([f"federation.seed={s}", *LONGER])[0] for s in seeds]
     assert min(clean) > 0.6, clean
-    assert max(_final([f"federation.seed={s}", *LONGER], _takeover)[0] for s in seeds) <= 0.15
     for name, extra in ROBUST.items():
         defended = [_final([f"federation.seed={s}", *LONGER, *extra], _takeover)[0] for s in seeds]
         assert np.mean(defended) >= np.mean(clean) - 0.05, (name, defended, clean)
@@ -322,3 +321,24 @@ def test_dp_runs_report_the_accountants_epsilon_every_round():
             assert r.defence["epsilon"] == pytest.approx(ledger.epsilon(), rel=1e-12)
         if mode == "central":
             assert eps[-1] > 7.5  # the target is spent by the last round
+
+
+def test_a_local_dp_run_resumes_to_the_uninterrupted_runs_model(tmp_path):
+    """The client half inside LocalNoise, the adaptive bound and the privacy ledger survive a
+    resume point (saved with torch.save, loaded into a fresh simulator) bitwise."""
+    overrides = [*BASE, "federation.seed=0", "federation.rounds=4", "federation.eval_every=4", "federation.dp=local", "federation.clip_norm=0.3", "federation.dp_noise=0.5"]
+    whole = Simulator(build_experiment(load_config(None, overrides)))
+    for rnd in range(1, 5):
+        whole.run_round(rnd)
+    first = Simulator(build_experiment(load_config(None, overrides)))
+    for rnd in (1, 2):
+        first.run_round(rnd)
+    torch.save(first.state_dict("config", 0.0), tmp_path / "resume.pt")
+    second = Simulator(build_experiment(load_config(None, overrides)))
+    second.load_state_dict(torch.load(tmp_path / "resume.pt", weights_only=False))
+    assert isinstance(second.client, LocalNoise) and second.client.sigma == 0.5
+    for rnd in (3, 4):
+        rec = second.run_round(rnd)
+    a, b = whole.server.global_model_state(), second.server.global_model_state()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert rec.defence["epsilon"] == whole.history[-1].defence["epsilon"] > 0

@@ -211,7 +211,8 @@ class Node:
         self.ctx = ctx = fed.run_context(rounds)
         self.model = fed.initial_model().to(ctx.device)
         # local DP: the noise goes on here, on the SuperNode (dp_noise as the server resolves it)
-        self.client = private_client(fed.algorithm, fed.algorithm.make_client(self.model, ctx), resolve_noise(run.defences, rounds, 1.0))
+        defences = resolve_noise(run.defences, rounds, 1.0) if run.defences.dp == "local" else run.defences
+        self.client = private_client(fed.algorithm, fed.algorithm.make_client(self.model, ctx), defences)
         self.trainer = ctx.trainer()
         self.data = {cid: d.to(ctx.device) for cid, d in self.data.items()}
         self.kind = resolve_client_kind(fed.algorithm, run.client_kind)

@@ -395,8 +395,8 @@ class Rounds:
             out["clipped_clients"] = sorted(c for c in guard.clipped if c in accepted)
             out["upload_norm_median"] = float(np.median(norms)) if norms else None
         if d.aggregator == "krum" and isinstance(fold.sums, DefendedSums) and fold.sums.selected is not None and not checked.skipped:
-            ids = sorted(accepted)  # the uploads were added in ascending client order
-            out["krum_selected"] = [ids[i] for i in fold.sums.selected] if len(ids) == len(fold.sums.uploads) else []
+            ids = fold.accepted  # in the order their uploads went into the sums
+            out["krum_selected"] = sorted(ids[i] for i in fold.sums.selected) if len(ids) == len(fold.sums.uploads) else []
         if self.privacy is not None:
             if not checked.skipped:
                 self.privacy.step(sorted(accepted))
