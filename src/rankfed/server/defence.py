@@ -49,7 +49,7 @@ from rankfed.checks import bad, choice
 from rankfed.protocol import ClientContext, ClientHalf, RoundSums, derive_seed
 from rankfed.wire import Payload
 
-__all__ = ["Defences", "DP_MODES", "SAMPLE_WEIGHTS", "UploadGuard", "DefendedSums", "LocalNoise", "PrivacyLedger", "resolve_noise", "uplink_norm", "private_client"]
+__all__ = ["Defences", "DP_MODES", "SAMPLE_WEIGHTS", "UploadGuard", "DefendedSums", "LocalNoise", "PrivacyLedger", "resolve_noise", "uplink_norm", "private_client", "check_local_noise"]
 
 DP_MODES = ("", "central", "local")
 SAMPLE_WEIGHTS = ("claimed", "recorded", "uniform")
@@ -256,7 +256,7 @@ class DefendedSums(RoundSums):
             noise = torch.randn(s.shape, generator=g, dtype=torch.float64).to(s.device, s.dtype) * self.noise_std
             m = (s + noise) / self.weight
         else:
-            m = self.sums[name] / self.weight
+            return super().mean(name, like)
         return m if like is None else m.to(like.device, like.dtype)
 
 
@@ -387,12 +387,17 @@ class LocalNoise(ClientHalf):
         self.inner.restore(payload, replica)
 
 
+def check_local_noise(algorithm, defences: Defences) -> None:
+    """ConfigError when ``defences`` has local DP and ``algorithm``'s uplink cannot take its noise."""
+    why = algorithm.local_noise_unsupported() if defences.dp == "local" else None
+    if why is not None:
+        raise bad("federation.dp", defences.dp, f"{algorithm.name}: {why}")
+
+
 def private_client(algorithm, half: ClientHalf, defences: Defences) -> ClientHalf:
     """``half`` (``algorithm``'s client half), inside :class:`LocalNoise` when ``defences`` has
     local DP (``dp_noise`` resolved)."""
     if defences.dp != "local":
         return half
-    why = algorithm.local_noise_unsupported()
-    if why is not None:
-        raise bad("federation.dp", defences.dp, f"{algorithm.name}: {why}")
+    check_local_noise(algorithm, defences)
     return LocalNoise(half, defences.clip_norm, defences.dp_noise)

@@ -18,7 +18,7 @@ from rankfed.algorithms import Algorithm
 from rankfed.checks import bad, check_fields, choice
 from rankfed.local import ClientData
 from rankfed.protocol import ClientHalf, RunContext
-from rankfed.server.defence import Defences, private_client, resolve_noise
+from rankfed.server.defence import Defences, check_local_noise, private_client, resolve_noise
 
 __all__ = ["RunOptions", "Experiment", "EXECUTIONS", "resolve_client_kind"]
 
@@ -138,10 +138,7 @@ class Experiment:
         if self.options.min_clients > self.clients_per_round:
             raise bad("federation.min_clients", self.options.min_clients, f"must be <= the clients per round ({self.clients_per_round}): no round could aggregate")
         d = self.options.defences
-        if d.dp == "local":
-            why = self.algorithm.local_noise_unsupported()
-            if why is not None:
-                raise bad("federation.dp", d.dp, f"{self.algorithm.name}: {why}")
+        check_local_noise(self.algorithm, d)  # here, before any transport starts
         if d.aggregator == "krum" and d.krum_keep > self.clients_per_round:
             raise bad("federation.krum_keep", d.krum_keep, f"must be <= the clients per round ({self.clients_per_round})")
 

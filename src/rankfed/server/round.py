@@ -373,11 +373,16 @@ class Rounds:
             skipped=checked.skipped,
         )
         if fold.guard is not None:
+            accepted = sorted(checked.accepted)
+            if self.clip_bound is not None:  # the adaptive bound learns from the accepted uploads' norms
+                self.clip_bound.record([fold.guard.norms[c] for c in accepted if c in fold.guard.norms])
+            if self.privacy is not None and not checked.skipped:
+                self.privacy.step(accepted)
             rec.defence = self._defence_report(fold, checked)
         return rec, state
 
     def _defence_report(self, fold: RoundFold, checked: CheckedRound) -> dict:
-        """What the defences did in the round ``fold`` (accepted as ``checked``), and the privacy spent."""
+        """What the defences did in the round ``fold`` (accepted as ``checked``), and the privacy spent so far."""
         guard, d = fold.guard, self.defences
         accepted = set(checked.accepted)
         out: dict = {"aggregator": d.aggregator}
@@ -389,7 +394,6 @@ class Rounds:
             out["weights_cut_clients"] = {str(c): {"claimed": n, "used": w} for c, (n, w) in sorted(cut.items())}
         if d.server_clip:
             norms = [guard.norms[c] for c in sorted(accepted) if c in guard.norms]
-            self.clip_bound.record(norms)
             out["clip_bound"] = guard.bound
             out["clipped"] = len([c for c in guard.clipped if c in accepted])
             out["clipped_clients"] = sorted(c for c in guard.clipped if c in accepted)
@@ -398,8 +402,6 @@ class Rounds:
             ids = fold.accepted  # in the order their uploads went into the sums
             out["krum_selected"] = sorted(ids[i] for i in fold.sums.selected) if len(ids) == len(fold.sums.uploads) else []
         if self.privacy is not None:
-            if not checked.skipped:
-                self.privacy.step(sorted(accepted))
             out["dp"] = d.dp
             out["dp_noise"] = d.dp_noise
             out["epsilon"] = self.privacy.epsilon()
